@@ -1,0 +1,46 @@
+# SALF-CBM. `make demo` and `make test` set everything up themselves (README.md).
+SHELL := /bin/bash
+PY_SYS ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+SALFCTL := $(VENV)/bin/salfctl
+# Triton's python-backend stub was built for NumPy 1: it gets its own small environment.
+TRITON_VENV := .venv-triton
+RUNS ?= runs
+DEMO := $(RUNS)/demo
+
+.PHONY: all venv proto demo test test-unit test-integration triton-env triton clean bench-similarity
+
+all: venv proto
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# ---------------------------------------------------------------- proto (issue 5)
+proto: venv
+	@echo "proto: not yet defined"
+
+# ---------------------------------------------------------------- Triton (issue 4)
+triton-env:
+	@echo "triton-env: not yet defined"
+
+# ---------------------------------------------------------------- demo
+demo: venv proto
+	$(SALFCTL) data synth --out $(DEMO)/data --seed 0
+	$(SALFCTL) train all --config tiny-cpu --data $(DEMO)/data --out $(DEMO)
+
+# ---------------------------------------------------------------- tests
+test: venv proto triton-env
+	$(PY) -m pytest -q tests
+
+test-unit: venv proto
+	$(PY) -m pytest -q tests/unit
+
+clean:
+	rm -rf $(RUNS) model_repository/salf_cbm model_repository/salf_head salf

@@ -1,0 +1,4 @@
+"""Shared pytest set-up. Fixtures live in tests/fixtures/*.py, one module per part, registered here."""
+pytest_plugins = [
+    "tests.fixtures.bundles",
+]

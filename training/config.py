@@ -1,0 +1,142 @@
+"""Training presets as data: ``training/configs/*.json`` -> a typed ``SalfConfig`` (STYLE.md point 1).
+
+Unknown keys are rejected (not dropped) so that a typo in a preset is an error, not a silent default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backbones import BackboneSpec
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class BackboneTrainCfg:
+    """`salfctl train backbone`: trains the backbone with a linear classifier (stand-in for pre-training)."""
+    epochs: int = 8
+    lr: float = 2e-3
+    batch_size: int = 64
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class SimilarityCfg:
+    source: str = "masks"  # "masks" (annotated datasets) or "clip" (red-circle prompts)
+
+
+@dataclass
+class CBLCfg:
+    epochs: int = 50
+    lr: float = 1e-3
+    batch_size: int = 256
+    weight_decay: float = 0.0
+    val_fraction: float = 0.1  # carved from TRAIN, seeded, recorded in the bundle
+    patience: int = 5
+    interpretability_cutoff: float = 0.45  # drop concepts whose val similarity is below this
+    feature_cache_dtype: str = "float16"
+    shard_size: int = 1024
+
+
+@dataclass
+class HeadCfg:
+    alpha: float = 0.99  # elastic-net mixing: lam * (alpha*|W|_1 + (1-alpha)/2*|W|_2^2)
+    lam: float | None = None  # fixed strength; None -> regularisation path
+    target_nonzero_per_class: int = 5  # path stops at the first lam with at most this many per class
+    path_length: int = 20
+    max_iters: int = 2000
+    tol: float = 1e-6
+    dense: bool = False  # plain (non-sparse) multinomial regression instead
+
+
+@dataclass
+class ClipCfg:
+    model: str = "ViT-B-16"
+    pretrained: str | None = None  # tag or local weights path
+    batch_size: int = 256
+    precision: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU
+    shard_size: int = 1024
+    max_concept_length: int = 30
+    class_similarity_cutoff: float = 0.85
+    concept_similarity_cutoff: float = 0.9
+    top5_cutoff: float = 0.0
+
+
+@dataclass
+class SalfConfig:
+    name: str = "custom"
+    seed: int = 0
+    backbone: BackboneSpec = field(default_factory=BackboneSpec)
+    grid: tuple[int, int] = (7, 7)
+    radius: int = 32
+    pooling: str = "avg"
+    data: str | None = None  # dataset root (ImageFolder layout); CLI --data overrides
+    concepts: str | None = None  # concept list file; default: <data>/concepts.txt
+    backbone_train: BackboneTrainCfg = field(default_factory=BackboneTrainCfg)
+    similarity: SimilarityCfg = field(default_factory=SimilarityCfg)
+    cbl: CBLCfg = field(default_factory=CBLCfg)
+    head: HeadCfg = field(default_factory=HeadCfg)
+    clip: ClipCfg = field(default_factory=ClipCfg)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["backbone"] = self.backbone.to_dict()
+        d["grid"] = list(self.grid)
+        return d
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
+    if cls is BackboneSpec:
+        try:
+            return BackboneSpec.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from exc
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, f"{where}.{key}")
+        elif key == "grid":
+            kwargs[key] = tuple(int(v) for v in value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict, where: str = "config") -> SalfConfig:
+    cfg = _build(SalfConfig, data, where)
+    if cfg.pooling not in ("avg", "softmax"):
+        raise ValueError(f"{where}.pooling must be 'avg' or 'softmax', got {cfg.pooling!r}")
+    if cfg.similarity.source not in ("masks", "clip"):
+        raise ValueError(f"{where}.similarity.source must be 'masks' or 'clip', got {cfg.similarity.source!r}")
+    return cfg
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def load_config(name_or_path: str) -> SalfConfig:
+    """A preset name from ``training/configs`` (``tiny-cpu``) or a path to a JSON file."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = CONFIG_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file {name_or_path!r} and no preset of that name; "
+                                f"presets: {', '.join(available_presets())}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON: {exc}") from exc
+    return config_from_dict(data, where=str(path))

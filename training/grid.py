@@ -1,0 +1,38 @@
+"""Prompting-grid geometry shared by every similarity source (paper 3.2, Algorithm 1).
+
+Decision (Algorithm 1's loop bounds are ambiguous): the grid has ``G`` centres per axis at
+``i * d`` for ``i = 0..G-1`` with the integer stride ``d = floor(S / (G - 1))`` of the paper,
+clipped to the last pixel ``S - 1``. For ``S = 224, G = 7``: ``d = 37`` and centres
+``0, 37, 74, 111, 148, 185, 222``. Grid cell ``(h, w)`` is centred at ``(centres_y[h], centres_x[w])``
+in pixel coordinates of the image at the CLIP/backbone input resolution.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def grid_centres(size: int, n: int) -> list[int]:
+    """Centres along one axis of ``size`` pixels for an ``n``-point grid."""
+    if n < 1:
+        raise ValueError(f"grid needs at least one point per axis, got {n}")
+    if n == 1:
+        return [size // 2]
+    d = size // (n - 1)
+    if d < 1:
+        raise ValueError(f"grid of {n} points does not fit in {size} pixels")
+    return [min(i * d, size - 1) for i in range(n)]
+
+
+def grid_points(image_size: tuple[int, int], grid: tuple[int, int]) -> list[tuple[int, int]]:
+    """All ``(y, x)`` centres in row-major grid order (``h`` outer, ``w`` inner): ``Gh * Gw`` points."""
+    ys = grid_centres(image_size[0], grid[0])
+    xs = grid_centres(image_size[1], grid[1])
+    return [(y, x) for y in ys for x in xs]
+
+
+def disk_mask(image_size: tuple[int, int], centre: tuple[int, int], radius: float) -> np.ndarray:
+    """Boolean ``[H, W]``: pixels whose centre lies within ``radius`` of ``centre`` (inclusive)."""
+    h, w = image_size
+    yy, xx = np.ogrid[:h, :w]
+    cy, cx = centre
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
