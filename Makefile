@@ -23,8 +23,14 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 # ---------------------------------------------------------------- proto (issue 5)
-proto: venv
-	@echo "proto: not yet defined"
+# Generates the salf.v1 package (git-ignored) at the repository root from proto/salf/v1/*.proto.
+PROTOS := $(wildcard proto/salf/v1/*.proto)
+proto: venv salf/v1/.generated
+
+salf/v1/.generated: $(PROTOS)
+	mkdir -p salf/v1
+	$(PY) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	touch salf/__init__.py salf/v1/__init__.py $@
 
 # ---------------------------------------------------------------- Triton (issue 4)
 triton-env:
