@@ -1,0 +1,283 @@
+"""The gateway's domain layer: Predict, Explain, ExplainRegion, Intervene, model info and rules on
+plain Python/numpy values. The gRPC servicer (serving/server.py) only converts protobuf to these
+types and back; validation errors are raised here as :class:`InvalidArgument`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import explain
+from .backends import Backend
+from .cache import TTLCache
+from .errors import InvalidArgument, NotFound
+from .images import box_mask, decode_image, decode_mask, points_mask, require_nonempty
+from .repository import ModelSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOP_K = 5
+
+
+# ------------------------------------------------------------------ domain values
+
+@dataclass(frozen=True)
+class Region:
+    """A region of interest as the client sent it: exactly one of ``mask_png``, ``box``
+    ``(x0, y0, x1, y1)`` or ``points`` ``[(x, y), ...]`` (with ``radius`` px, 0 = model default)."""
+    mask_png: bytes | None = None
+    box: tuple[float, float, float, float] | None = None
+    points: tuple[tuple[float, float], ...] | None = None
+    radius: float = 0.0
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One intervention: concept by ``name`` or ``index``, a region and ``beta``."""
+    region: Region
+    beta: float
+    name: str | None = None
+    index: int | None = None
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    index: int
+    name: str
+    probability: float
+    logit: float
+
+
+@dataclass(frozen=True)
+class Contribution:
+    index: int
+    name: str
+    contribution: float
+    weight: float
+    score: float
+    heatmap: np.ndarray | None  # [h, w] float32 at the image's own size
+
+
+@dataclass(frozen=True)
+class Activation:
+    index: int
+    name: str
+    activation: float
+    mean_activation: float
+
+
+@dataclass(frozen=True)
+class CachedMaps:
+    """What an ``explanation_id`` refers to: ``maps [M, Gh, Gw]``, ``scores [M]``, ``logits [L]``
+    float32 and the image's own ``size (h, w)``."""
+    maps: np.ndarray
+    scores: np.ndarray
+    logits: np.ndarray
+    size: tuple[int, int]
+
+
+@dataclass
+class ExplainResult:
+    explanation_id: str
+    target: ClassScore
+    predictions: list[ClassScore]
+    concepts: list[Contribution]
+    size: tuple[int, int]
+
+
+@dataclass
+class RegionResult:
+    explanation_id: str
+    concepts: list[Activation]
+    area: int
+    size: tuple[int, int]
+
+
+@dataclass
+class InterveneResult:
+    explanation_id: str
+    before: list[ClassScore]
+    after: list[ClassScore]
+    predicted_before: ClassScore
+    predicted_after: ClassScore
+    logits_before: np.ndarray
+    logits_after: np.ndarray
+    region_concepts: list[Activation] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------ validation helpers
+
+def resolve_top_k(k: int, n: int, what: str) -> int:
+    """0 -> ``min(DEFAULT_TOP_K, n)``; 1..n -> k; anything else is :class:`InvalidArgument`."""
+    if k == 0:
+        return min(DEFAULT_TOP_K, n)
+    if not 1 <= k <= n:
+        raise InvalidArgument(f"top_k {k} is out of range: the model has {n} {what}; use 1..{n}, or 0 for the default")
+    return int(k)
+
+
+def _resolve_index(name: str | None, index: int | None, names: tuple[str, ...], what: str) -> int:
+    if name is not None and name != "":
+        try:
+            return names.index(name)
+        except ValueError:
+            preview = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
+            raise InvalidArgument(f"unknown {what} {name!r}; the model's {len(names)} {what}s are {preview}") from None
+    if index is None:
+        raise InvalidArgument(f"no {what} given: set its name or index")
+    if not 0 <= index < len(names):
+        raise InvalidArgument(f"{what} index {index} is out of range 0..{len(names) - 1}")
+    return int(index)
+
+
+# ------------------------------------------------------------------ the gateway
+
+class Gateway:
+    """The served model: ``spec`` (metadata and head weights), an inference ``backend`` and the
+    concept-map ``cache`` behind explanation ids."""
+
+    def __init__(self, spec: ModelSpec, backend: Backend, cache: TTLCache) -> None:
+        self.spec = spec
+        self.backend = backend
+        self.cache = cache
+
+    # ---------------------------------------------------------- shared steps
+
+    def _run_image(self, image: bytes, timeout_s: float | None) -> CachedMaps:
+        decoded = decode_image(image, self.spec.input_size)
+        maps, scores, logits = self.backend.infer(decoded.model_input[None], timeout_s)
+        return CachedMaps(maps[0], scores[0], logits[0], decoded.size)
+
+    def _remember(self, entry: CachedMaps) -> str:
+        explanation_id = uuid.uuid4().hex
+        self.cache.put(explanation_id, entry)
+        return explanation_id
+
+    def _maps_for(self, explanation_id: str, image: bytes, timeout_s: float | None) -> tuple[str, CachedMaps]:
+        """Cached maps of ``explanation_id``, or a fresh forward pass on the resent ``image``."""
+        if explanation_id:
+            entry = self.cache.get(explanation_id)
+            if entry is not None:
+                return explanation_id, entry
+            if not image:
+                raise NotFound(f"explanation_id {explanation_id!r} is unknown or expired; resend the image")
+        elif not image:
+            raise InvalidArgument("send an image or an explanation_id")
+        entry = self._run_image(image, timeout_s)
+        return self._remember(entry), entry
+
+    def _class_scores(self, logits: np.ndarray, order: list[int] | None = None, k: int | None = None) -> list[ClassScore]:
+        probs = explain.softmax(logits)
+        if order is None:
+            order = explain.top_k_desc(probs, k if k is not None else len(logits))
+        return [ClassScore(i, self.spec.classes[i], float(probs[i]), float(logits[i])) for i in order]
+
+    def region_mask(self, region: Region, size: tuple[int, int]) -> np.ndarray:
+        """The region as a non-empty bool mask ``[h, w]`` at the image's own ``size``."""
+        if region.mask_png is not None:
+            mask = decode_mask(region.mask_png, size)
+        elif region.box is not None:
+            mask = box_mask(region.box, size)
+        elif region.points is not None:
+            mask = points_mask(list(region.points), region.radius or self._default_radius(size), size)
+        else:
+            raise InvalidArgument("region is missing: give a mask_png, a box or points")
+        return require_nonempty(mask)
+
+    def _default_radius(self, size: tuple[int, int]) -> float:
+        """The model's prompt-circle radius (at the input size) scaled to the image's own size; half a
+        grid cell when the repository records no radius."""
+        h, w = size
+        ih, iw = self.spec.input_size
+        if self.spec.radius > 0:
+            return self.spec.radius * math.sqrt((h / ih) * (w / iw))
+        return 0.5 * min(h / self.spec.grid[0], w / self.spec.grid[1])
+
+    def _activations(self, maps: np.ndarray, mask: np.ndarray, k: int) -> list[Activation]:
+        a = explain.region_activations(maps, explain.project_region(mask, self.spec.grid))
+        area = float(mask.sum())
+        return [Activation(i, self.spec.concepts[i], float(a[i]), float(a[i] / area)) for i in explain.top_k_desc(a, k)]
+
+    # ---------------------------------------------------------- RPCs
+
+    def predict(self, image: bytes, top_k: int = 0, timeout_s: float | None = None) -> tuple[list[ClassScore], tuple[int, int]]:
+        k = resolve_top_k(top_k, self.spec.num_classes, "classes")
+        entry = self._run_image(image, timeout_s)
+        return self._class_scores(entry.logits, k=k), entry.size
+
+    def explain(self, image: bytes, class_name: str | None = None, class_index: int | None = None,
+                top_k: int = 0, heatmaps: bool = True, timeout_s: float | None = None) -> ExplainResult:
+        """Contribution scores for the predicted class (or the requested one) and heatmaps of the
+        top-k contributing concepts (paper 3.5)."""
+        k = resolve_top_k(top_k, self.spec.num_concepts, "concepts")
+        wants_class = (class_name is not None and class_name != "") or class_index is not None
+        requested = _resolve_index(class_name, class_index, self.spec.classes, "class") if wants_class else None
+        entry = self._run_image(image, timeout_s)
+        explanation_id = self._remember(entry)
+        target = int(np.argmax(entry.logits)) if requested is None else requested
+        chosen = explain.top_contributors(self.spec.weight, entry.scores, target, k)
+        ups = explain.upsample(entry.maps[chosen], entry.size) if heatmaps and chosen else None
+        s = explain.contributions(self.spec.weight, entry.scores, target)
+        concepts = [Contribution(m, self.spec.concepts[m], float(s[m]), float(self.spec.weight[target, m]),
+                                 float(entry.scores[m]), None if ups is None else ups[j])
+                    for j, m in enumerate(chosen)]
+        predictions = self._class_scores(entry.logits, k=min(DEFAULT_TOP_K, self.spec.num_classes))
+        return ExplainResult(explanation_id, self._class_scores(entry.logits, order=[target])[0], predictions,
+                             concepts, entry.size)
+
+    def explain_region(self, region: Region, explanation_id: str = "", image: bytes = b"", top_k: int = 0,
+                       timeout_s: float | None = None) -> RegionResult:
+        """Explain Anything (paper 3.6): top-k concepts by ``a(x, m | I) = sum(I * upsample(c(x)[m]))``."""
+        k = resolve_top_k(top_k, self.spec.num_concepts, "concepts")
+        explanation_id, entry = self._maps_for(explanation_id, image, timeout_s)
+        mask = self.region_mask(region, entry.size)
+        return RegionResult(explanation_id, self._activations(entry.maps, mask, k), int(mask.sum()), entry.size)
+
+    def intervene(self, edits: list[Edit], explanation_id: str = "", image: bytes = b"", top_k: int = 0,
+                  timeout_s: float | None = None) -> InterveneResult:
+        """Local intervention (paper 3.6): ``c[m] += beta * I_grid`` for each edit on the cached maps,
+        then only the head runs, on the unedited and the edited maps together (one batch), so the
+        deltas are exactly ``head(edited) - head(maps)``."""
+        if not edits:
+            raise InvalidArgument("intervene needs at least one edit (concept, region, beta)")
+        # One top_k for the region's concepts; the class lists show as many classes as exist up to it.
+        k_concepts = resolve_top_k(top_k, self.spec.num_concepts, "concepts")
+        k_classes = min(k_concepts, self.spec.num_classes)
+        resolved = []
+        for n, e in enumerate(edits):
+            if not math.isfinite(e.beta):
+                raise InvalidArgument(f"edit {n}: beta must be a finite number, got {e.beta}")
+            resolved.append((_resolve_index(e.name, e.index, self.spec.concepts, "concept"), e))
+        explanation_id, entry = self._maps_for(explanation_id, image, timeout_s)
+        union = np.zeros(entry.size, dtype=bool)
+        grid_edits = []
+        for n, (m, e) in enumerate(resolved):
+            try:
+                mask = self.region_mask(e.region, entry.size)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"edit {n}: {exc}") from None
+            union |= mask
+            grid_edits.append((m, float(e.beta), explain.grid_coverage(mask, self.spec.grid)))
+        edited = explain.apply_edits(entry.maps, grid_edits)
+        _, logits = self.backend.infer_head(np.stack([entry.maps, edited]).astype(np.float32), timeout_s)
+        before, after = logits[0], logits[1]
+        return InterveneResult(
+            explanation_id=explanation_id,
+            before=self._class_scores(before, k=k_classes),
+            after=self._class_scores(after, k=k_classes),
+            predicted_before=self._class_scores(before, k=1)[0],
+            predicted_after=self._class_scores(after, k=1)[0],
+            logits_before=before,
+            logits_after=after,
+            region_concepts=self._activations(edited, union, k_concepts),
+        )
+
+    def class_rules(self, class_name: str = "") -> list[tuple[int, float, list[tuple[int, float]]]]:
+        """``[(class index, bias, [(concept index, weight), ...])]``, non-zero weights by |weight|."""
+        rules = explain.class_rules(self.spec.weight)
+        indices = range(self.spec.num_classes) if not class_name else [_resolve_index(class_name, None, self.spec.classes, "class")]
+        return [(l, float(self.spec.bias[l]), rules[l]) for l in indices]
