@@ -1,6 +1,85 @@
-"""Commands of this part for `salfctl` (see clients/salfctl.py)."""
+"""`salfctl export BUNDLE --out DIR` and `salfctl triton`. Heavy imports happen inside the commands."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+log = logging.getLogger(__name__)
+
+
+def _quiet_optimizer_logs() -> None:
+    # onnxscript's optimizer logs every pass at INFO; keep the export output readable.
+    for name in ("onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def export(
+    bundle: Path = typer.Argument(..., help="bundle folder (bundle.json + weights.safetensors)"),
+    out: Path = typer.Option(Path("model_repository"), "--out", "-o", help="Triton model repository to write"),
+    flavour: str = typer.Option("onnxruntime", "--flavour", "-f",
+                                help="onnxruntime (native backend, NVIDIA images) | python (model.py + onnxruntime)"),
+    parity: bool = typer.Option(True, "--parity/--no-parity", help="torch vs onnxruntime check (fails the export)"),
+    parity_images: Optional[Path] = typer.Option(None, "--parity-images",
+                                                 help="folder of real images for the parity check (e.g. DATA/test)"),
+    max_batch_size: int = typer.Option(32, "--max-batch-size"),
+    max_queue_delay_us: int = typer.Option(2000, "--max-queue-delay-us", help="dynamic batcher delay (µs)"),
+    instance_kind: str = typer.Option("auto", "--instance-kind", help="auto | cpu | gpu"),
+    instance_count: int = typer.Option(1, "--instance-count"),
+    tensorrt: Optional[str] = typer.Option(None, "--tensorrt",
+                                           help="fp16 | fp32: TensorRT accelerator on GPU instances (onnxruntime flavour)"),
+    threads: int = typer.Option(0, "--threads", help="onnxruntime intra-op threads per instance (0: default)"),
+    report_json: Optional[Path] = typer.Option(None, "--report", help="also write the export report here"),
+) -> None:
+    """Export a bundle to a Triton model repository (salf_cbm + salf_head, configs, metadata)."""
+    from .onnx_graphs import ExportError
+    from .repository import export_repository
+    from .triton_config import TritonOptions
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_optimizer_logs()
+    if tensorrt and flavour != "onnxruntime":
+        raise typer.BadParameter("--tensorrt applies to the onnxruntime flavour only", param_hint="--tensorrt")
+    options = TritonOptions(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+                            instance_kind=instance_kind, instance_count=instance_count, tensorrt=tensorrt,
+                            intra_op_threads=threads)
+    try:
+        options.validate()
+        report = export_repository(bundle, out, flavour=flavour, parity=parity, parity_images=parity_images,
+                                   options=options)
+    except (ExportError, ValueError, FileNotFoundError) as exc:
+        typer.echo(f"export failed: {exc}", err=True)
+        raise typer.Exit(code=1) from exc
+    doc = report.to_dict()
+    if report_json:
+        report_json.write_text(json.dumps(doc, indent=2) + "\n")
+    typer.echo(f"exported {bundle} -> {out} ({flavour} flavour, opset {report.opset}, {report.seconds:.1f} s)")
+    if report.parity:
+        for key, value in report.parity["max_abs_diff"].items():
+            typer.echo(f"  parity {key:40s} max abs diff {value:.3e}")
+
+
+def triton(
+    model_repository: Path = typer.Option(Path("model_repository"), "--model-repository", "-m"),
+    http_port: int = typer.Option(8000, "--http-port"),
+    grpc_port: int = typer.Option(8001, "--grpc-port"),
+    metrics_port: int = typer.Option(8002, "--metrics-port"),
+    env: Optional[Path] = typer.Option(None, "--env", help="Triton environment (default .venv-triton)"),
+) -> None:
+    """Run the pytriton-shipped Triton server against a repository until Ctrl-C (needs `make triton-env`)."""
+    from .triton_server import main
+
+    args = ["--model-repository", str(model_repository), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+            "--metrics-port", str(metrics_port)]
+    if env:
+        args += ["--env", str(env)]
+    raise typer.Exit(code=main(args))
 
 
 def register(app: typer.Typer) -> None:
     """Add this part's commands to the top-level `salfctl` app."""
+    app.command("export")(export)
+    app.command("triton")(triton)

@@ -1,0 +1,158 @@
+"""Bundle model -> the two ONNX graphs of the Triton repository (docs/DESIGN.md, "Triton model repository").
+
+``salf_cbm``: ``image`` uint8 ``[B, H, W, 3]`` -> ``concept_maps`` float32 ``[B, M, Gh, Gw]``,
+``concept_scores`` float32 ``[B, M]``, ``logits`` float32 ``[B, L]``. Normalisation (``/255``, mean,
+std) is inside the graph so clients send uint8 (4x less traffic than float32).
+
+``salf_head``: ``concept_maps`` float32 ``[B, M, Gh, Gw]`` -> ``concept_scores``, ``logits``: the part
+that local intervention re-runs.
+
+Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``. For these graphs (conv /
+ViT backbone, bilinear resize, 1x1 conv, reduce, gemm) it folds BatchNorm into the convolutions and
+gives a small, clean graph with named inputs/outputs and a symbolic batch axis, and it exports in a
+fraction of the time of the dynamo exporter on CPU. The exported graph then goes through
+``onnxscript.optimizer`` (constant folding, Identity/dead-node removal: 53 -> 36 nodes for the tiny
+CNN); what remains besides the model's own ops is the Shape/Slice/Concat that keeps the batch axis
+dynamic. Opset ``OPSET`` (18) is read by every
+onnxruntime since 1.14, including the 1.19 that NVIDIA's Triton 24.10 (2.51) images ship.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from training.model import SalfCBM, SalfHead, normalize_uint8
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+CBM_INPUTS = ("image",)
+CBM_OUTPUTS = ("concept_maps", "concept_scores", "logits")
+HEAD_INPUTS = ("concept_maps",)
+HEAD_OUTPUTS = ("concept_scores", "logits")
+
+
+class ExportError(RuntimeError):
+    """The ONNX graphs could not be produced, failed the checker, or failed parity."""
+
+
+class UInt8SalfCBM(nn.Module):
+    """``SalfCBM`` with the uint8 -> normalised float step in front: what ``salf_cbm/1/model.onnx`` computes.
+
+    ``forward(image uint8 [B, H, W, 3])`` -> ``(concept_maps [B, M, Gh, Gw], concept_scores [B, M],
+    logits [B, L])``, all float32.
+    """
+
+    def __init__(self, model: SalfCBM, mean, std) -> None:
+        super().__init__()
+        self.model = model
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model(normalize_uint8(image, self.mean, self.std))
+
+
+def _export(module: nn.Module, example: torch.Tensor, path: Path, inputs: tuple[str, ...],
+            outputs: tuple[str, ...], opset: int) -> None:
+    """Trace ``module`` on ``example`` and write ``path`` with a dynamic batch axis on every tensor."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dynamic_axes = {name: {0: "batch"} for name in (*inputs, *outputs)}
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter warns that it is legacy; it is chosen deliberately (module docstring).
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
+        # Mean/std and the grid-size test become trace constants: intended, the input size is fixed.
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(module.eval(), (example,), str(path), input_names=list(inputs),
+                          output_names=list(outputs), dynamic_axes=dynamic_axes, opset_version=opset,
+                          do_constant_folding=True, dynamo=False)
+    _optimize(path)
+    _set_output_shapes(path, example.numpy())
+
+
+def _set_output_shapes(path: Path, example) -> None:
+    """Record every output's real shape ``[batch, ...]`` in the graph.
+
+    ONNX shape inference cannot see through the batch-preserving ``Resize`` sizes (Shape/Slice/Concat),
+    so the maps come out as ``[batch, M, ?, ?]``; one onnxruntime run on the example gives the real
+    dims, which the Triton configs and the gateway then read from the file.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    results = session.run(None, {session.get_inputs()[0].name: example})
+    model = onnx.load(str(path))
+    for value, array in zip(model.graph.output, results):
+        dims = value.type.tensor_type.shape.dim
+        del dims[:]
+        dims.add().dim_param = "batch"
+        for size in array.shape[1:]:
+            dims.add().dim_value = int(size)
+    onnx.save(model, str(path))
+
+
+def _optimize(path: Path) -> None:
+    """Fold constants and drop Identity/dead nodes in place (``onnxscript.optimizer``)."""
+    import onnx
+    from onnxscript import optimizer
+
+    model = onnx.load(str(path))
+    before = len(model.graph.node)
+    model = optimizer.optimize(model)
+    onnx.save(model, str(path))
+    log.debug("optimised %s: %d -> %d nodes", path, before, len(model.graph.node))
+
+
+def check_graph(path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> "onnx.ModelProto":
+    """Run ``onnx.checker`` (full check, with shape inference) and verify the I/O names; returns the model."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{path} fails the ONNX checker: {exc}") from exc
+    model = onnx.load(str(path))
+    got_in = tuple(i.name for i in model.graph.input)
+    got_out = tuple(o.name for o in model.graph.output)
+    if got_in != inputs or got_out != outputs:
+        raise ExportError(f"{path}: graph I/O is {got_in} -> {got_out}, expected {inputs} -> {outputs}")
+    return model
+
+
+def export_cbm(model: SalfCBM, mean, std, input_size: tuple[int, int], path: Path,
+               opset: int = OPSET) -> Path:
+    """Write ``salf_cbm``'s graph (uint8 image in, maps/scores/logits out) to ``path``."""
+    h, w = (int(v) for v in input_size)
+    example = torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8)
+    _export(UInt8SalfCBM(model, mean, std), example, path, CBM_INPUTS, CBM_OUTPUTS, opset)
+    check_graph(path, CBM_INPUTS, CBM_OUTPUTS)
+    log.info("exported salf_cbm (opset %d) to %s", opset, path)
+    return path
+
+
+def export_head(head: SalfHead, num_concepts: int, grid: tuple[int, int], path: Path,
+                opset: int = OPSET) -> Path:
+    """Write ``salf_head``'s graph (concept maps in, scores/logits out) to ``path``."""
+    example = torch.randn(2, int(num_concepts), int(grid[0]), int(grid[1]))
+    _export(head, example, path, HEAD_INPUTS, HEAD_OUTPUTS, opset)
+    check_graph(path, HEAD_INPUTS, HEAD_OUTPUTS)
+    log.info("exported salf_head (opset %d) to %s", opset, path)
+    return path
+
+
+def graph_summary(path: Path) -> dict:
+    """Node count and op types of an ONNX file, for the export report (shows the graph stays clean)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return {"nodes": len(model.graph.node), "ops": dict(sorted(ops.items())),
+            "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)}

@@ -1,0 +1,240 @@
+"""Bundle -> Triton model repository (docs/DESIGN.md, "Triton model repository").
+
+```
+OUT/
+  salf_cbm/config.pbtxt  salf_cbm/1/model.onnx  [salf_cbm/1/model.py: python flavour]
+  salf_head/config.pbtxt salf_head/1/model.onnx [salf_head/1/model.py]
+  salf_model.json  concepts.json  classes.json  head.safetensors
+```
+
+Everything is written into a staging folder inside ``OUT`` first; only when the graphs pass the ONNX
+checker and parity are they moved into place, so a failed export never leaves a half-valid
+repository behind (and never touches other files in ``OUT``, e.g. its README.md). Triton ignores the
+plain files at the top level (it loads only sub-directories; checked with the real server).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from training.bundle import BundleMeta, load_bundle, read_meta, sha256_file
+
+from .onnx_graphs import (CBM_INPUTS, CBM_OUTPUTS, HEAD_INPUTS, HEAD_OUTPUTS, OPSET, ExportError, export_cbm,
+                          export_head, graph_summary)
+from .triton_config import FLAVOURS, TensorSpec, TritonOptions, model_config, write_config
+
+log = logging.getLogger(__name__)
+
+REPO_FORMAT_VERSION = 1
+CBM_MODEL = "salf_cbm"
+HEAD_MODEL = "salf_head"
+MODELS = (CBM_MODEL, HEAD_MODEL)
+METADATA_FILE = "salf_model.json"
+CONCEPTS_FILE = "concepts.json"
+CLASSES_FILE = "classes.json"
+HEAD_FILE = "head.safetensors"
+ONNX_FILE = "model.onnx"
+PYTHON_MODEL_FILE = "model.py"
+VERSION = "1"
+_TEMPLATE = Path(__file__).with_name("python_backend_model.py")
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_repository` wrote and measured."""
+
+    out_dir: str
+    flavour: str
+    opset: int
+    seconds: float
+    parity: dict | None
+    models: dict = field(default_factory=dict)  # name -> {"onnx", "sha256", "config", "graph"}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- shapes
+def _dims(value_info) -> tuple[str, tuple[int, ...]]:
+    """``(numpy dtype name, dims without batch)`` of an ONNX value; every non-batch dim must be fixed."""
+    import onnx
+
+    tt = value_info.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+    if len(dims) < 2 or any(d is None or d <= 0 for d in dims[1:]):
+        raise ExportError(f"graph tensor {value_info.name!r} has shape {dims}: only the batch axis may be dynamic")
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+    return dtype, tuple(int(d) for d in dims[1:])
+
+
+def graph_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Input and output specs of an ONNX graph, read from the file itself (after shape inference)."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True)
+    ins = [TensorSpec(v.name, *_dims(v)) for v in model.graph.input]
+    outs = [TensorSpec(v.name, *_dims(v)) for v in model.graph.output]
+    return ins, outs
+
+
+# --------------------------------------------------------------------------- metadata
+def _write_json(path: Path, doc) -> None:
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def write_head(path: Path, model) -> None:
+    """``head.safetensors``: ``head.weight [L, M]``, ``head.bias [L]``, ``concept_mean [M]``,
+    ``concept_std [M]``, float32, readable with ``safetensors.numpy`` (no torch in the gateway)."""
+    from safetensors.numpy import save_file
+
+    head = model.head
+    tensors = {
+        "head.weight": head.linear.weight.detach().cpu().numpy(),
+        "head.bias": head.linear.bias.detach().cpu().numpy(),
+        "concept_mean": head.concept_mean.detach().cpu().numpy(),
+        "concept_std": head.concept_std.detach().cpu().numpy(),
+    }
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(path))
+
+
+def _metadata(meta: BundleMeta, bundle_doc: dict, flavour: str, models: dict, head_sha: str,
+              parity: dict | None, options: TritonOptions) -> dict:
+    spec = meta.backbone
+    return {
+        "format_version": REPO_FORMAT_VERSION,
+        "flavour": flavour,
+        "input": {"name": CBM_INPUTS[0], "dtype": "uint8", "layout": "NHWC"},
+        "input_size": [int(v) for v in spec.input_size],
+        "mean": [float(v) for v in spec.mean],
+        "std": [float(v) for v in spec.std],
+        "grid": [int(g) for g in meta.grid],
+        "radius": int(meta.radius),
+        "pooling": meta.pooling,
+        "concepts": list(meta.concepts),
+        "classes": list(meta.classes),
+        "backbone": {"arch": spec.arch, "layer": spec.layer},
+        "clip": meta.clip,
+        "max_batch_size": int(options.max_batch_size),
+        "opset": OPSET,
+        "models": {name: {"onnx": f"{name}/{VERSION}/{ONNX_FILE}", "sha256": info["sha256"],
+                          "inputs": info["inputs"], "outputs": info["outputs"]} for name, info in models.items()},
+        "head": {"file": HEAD_FILE, "sha256": head_sha},
+        "bundle": {"weights_sha256": bundle_doc["weights"]["sha256"], "metrics": meta.metrics},
+        "parity": parity,
+    }
+
+
+# --------------------------------------------------------------------------- flavours
+def write_flavour(repo_dir: str | Path, flavour: str, options: TritonOptions | None = None) -> None:
+    """(Re)write both ``config.pbtxt`` files (and ``model.py`` for the python flavour) of an exported
+    repository: one export, either flavour. Shapes come from the ``model.onnx`` files themselves."""
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown flavour {flavour!r}; choose one of {FLAVOURS}")
+    opts = options or TritonOptions()
+    repo = Path(repo_dir)
+    for name in MODELS:
+        model_dir = repo / name
+        onnx_path = model_dir / VERSION / ONNX_FILE
+        if not onnx_path.is_file():
+            raise ExportError(f"{onnx_path} is missing: export the bundle first")
+        inputs, outputs = graph_io(onnx_path)
+        write_config(model_dir, model_config(name, flavour, inputs, outputs, opts))
+        script = model_dir / VERSION / PYTHON_MODEL_FILE
+        if flavour == "python":
+            shutil.copyfile(_TEMPLATE, script)
+        elif script.exists():
+            script.unlink()
+    meta_path = repo / METADATA_FILE
+    if meta_path.is_file():
+        doc = json.loads(meta_path.read_text())
+        doc["flavour"] = flavour
+        _write_json(meta_path, doc)
+
+
+# --------------------------------------------------------------------------- export
+def _install(staging: Path, out: Path) -> None:
+    """Move the staged models and files into ``out``, replacing earlier exports of them only."""
+    for entry in sorted(staging.iterdir()):
+        target = out / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        os.replace(entry, target)
+
+
+def _real_images(paths, input_size) -> np.ndarray | None:
+    from .parity import find_images, load_images
+
+    if paths is None:
+        return None
+    if isinstance(paths, (str, Path)):
+        paths = find_images(paths)
+    return load_images(paths, input_size)
+
+
+def export_repository(bundle_dir: str | Path, out_dir: str | Path, flavour: str = "onnxruntime",
+                      parity: bool = True, parity_images=None, options: TritonOptions | None = None) -> ExportReport:
+    """Export a bundle to a Triton model repository; returns an :class:`ExportReport`.
+
+    ``flavour``: ``"onnxruntime"`` (native backend) or ``"python"`` (model.py + onnxruntime).
+    ``parity``: compare torch and onnxruntime (batch sizes 1 and 7, random images and ``parity_images``,
+    a folder or a list of image files) and raise :class:`ExportError` if a figure is over tolerance.
+    """
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown flavour {flavour!r}; choose one of {FLAVOURS}")
+    opts = options or TritonOptions()
+    opts.validate()
+    started = time.perf_counter()
+    model, meta = load_bundle(bundle_dir)
+    _, bundle_doc = read_meta(bundle_dir)
+    spec = meta.backbone
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".export-staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        cbm_path = export_cbm(model, spec.mean, spec.std, spec.input_size, staging / CBM_MODEL / VERSION / ONNX_FILE)
+        head_path = export_head(model.head, len(meta.concepts), meta.grid, staging / HEAD_MODEL / VERSION / ONNX_FILE)
+        figures = None
+        if parity:
+            from .parity import check_parity
+
+            figures = check_parity(model, spec.mean, spec.std, spec.input_size, cbm_path, head_path,
+                                   real_images=_real_images(parity_images, spec.input_size))
+        write_flavour(staging, flavour, opts)
+        models = {}
+        for name, path, ins, outs in ((CBM_MODEL, cbm_path, CBM_INPUTS, CBM_OUTPUTS),
+                                      (HEAD_MODEL, head_path, HEAD_INPUTS, HEAD_OUTPUTS)):
+            specs_in, specs_out = graph_io(path)
+            models[name] = {"onnx": str(out / name / VERSION / ONNX_FILE), "sha256": sha256_file(path),
+                            "config": str(out / name / "config.pbtxt"), "graph": graph_summary(path),
+                            "inputs": {t.name: {"dtype": t.dtype, "dims": [-1, *t.dims]} for t in specs_in},
+                            "outputs": {t.name: {"dtype": t.dtype, "dims": [-1, *t.dims]} for t in specs_out}}
+        write_head(staging / HEAD_FILE, model)
+        _write_json(staging / CONCEPTS_FILE, list(meta.concepts))
+        _write_json(staging / CLASSES_FILE, list(meta.classes))
+        _write_json(staging / METADATA_FILE, _metadata(meta, bundle_doc, flavour, models,
+                                                       sha256_file(staging / HEAD_FILE), figures, opts))
+        _install(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report = ExportReport(out_dir=str(out), flavour=flavour, opset=OPSET, seconds=time.perf_counter() - started,
+                          parity=figures, models=models)
+    log.info("exported %s -> %s (%s flavour) in %.1f s", bundle_dir, out, flavour, report.seconds)
+    return report
+
+
+def read_repository_metadata(repo_dir: str | Path) -> dict:
+    """``salf_model.json`` of an exported repository (what the gateway reads)."""
+    path = Path(repo_dir) / METADATA_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not an exported SALF-CBM repository")
+    return json.loads(path.read_text())
