@@ -33,8 +33,21 @@ salf/v1/.generated: $(PROTOS)
 	touch salf/__init__.py salf/v1/__init__.py $@
 
 # ---------------------------------------------------------------- Triton (issue 4)
-triton-env:
-	@echo "triton-env: not yet defined"
+# .venv-triton: Triton 2.51 (inside the nvidia-pytriton wheel, python backend only) + numpy<2 +
+# onnxruntime for the python-backend stub. CPU onnxruntime here; GPU hosts install onnxruntime-gpu
+# in it or use NVIDIA's Triton image with the native onnxruntime flavour. Stamp file: fast when done.
+TRITON_STAMP := $(TRITON_VENV)/.installed
+$(TRITON_STAMP):
+	test -x $(TRITON_VENV)/bin/python || $(PY_SYS) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/pip install -q "nvidia-pytriton==0.7.0" "numpy<2" "onnxruntime>=1.17"
+	$(TRITON_VENV)/bin/python export/triton_server.py --prepare-only --env $(TRITON_VENV)
+	touch $@
+
+triton-env: $(TRITON_STAMP)
+
+# Serve model_repository/ (written by `salfctl export`) on 8000/8001/8002 until Ctrl-C.
+triton: triton-env
+	$(PY) -m export.triton_server --model-repository model_repository
 
 # ---------------------------------------------------------------- demo
 demo: venv proto
