@@ -36,3 +36,17 @@ def disk_mask(image_size: tuple[int, int], centre: tuple[int, int], radius: floa
     yy, xx = np.ogrid[:h, :w]
     cy, cx = centre
     return (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+
+
+def disk_matrix(image_size: tuple[int, int], grid: tuple[int, int], radius: float) -> np.ndarray:
+    """Every grid cell's disk as a column: float32 ``[H * W, Gh * Gw]`` of 0/1, pixels row-major,
+    cells in :func:`grid_points` order. Disks are clipped to the image (pixels outside do not exist).
+    """
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    h, w = image_size
+    points = grid_points(image_size, grid)
+    cols = np.empty((h * w, len(points)), dtype=np.float32)
+    for g, centre in enumerate(points):
+        cols[:, g] = disk_mask(image_size, centre, radius).reshape(-1)
+    return cols

@@ -1,0 +1,424 @@
+"""Synthetic test bed: coloured, textured shapes on varied backgrounds, with per-image concept masks.
+
+The world (all sizes scale with the image side ``S``; numbers below are for ``S = 112``):
+
+* every image has one **key object** (radius ~15-21 px) and 1-3 smaller **distractors**;
+* key objects are a circle, square or triangle, filled with stripes, polka dots or a
+  checkerboard (the six *texture classes*, each shape and each texture in two classes, so no
+  single concept names the class), or a solid circle that is either a **balloon** (upper part of
+  the image, with a string) or a **ball** (lower part, resting on grass): the two *positional
+  classes* differ in where the circle is *and* in a concept (string / grass), so pooled concept
+  scores still separate them;
+* distractors are solid rings, crosses or stars; object colours (red, green, blue, yellow,
+  purple) are drawn at random for key and distractors alike, so colour never gives the class away;
+* backgrounds are plain, a gradient, or blocky noise, in muted colours (never the object palette).
+
+Concept masks are boolean ``[M, S, S]`` with occlusion resolved (a pixel belongs to the top-most
+layer: background, grass, distractors, string, key object). A class is a linear function of
+concept *presence*: each class has a unique pair of concepts (shape + texture, or circle +
+string/grass) and distractors never carry a class concept.
+
+Determinism: image ``(split, class, index)`` draws from
+``np.random.default_rng(SeedSequence([seed, split_id, class_id, index]))``, so files are
+byte-identical for a seed whatever the order or number of worker processes. PNGs carry no
+timestamps; mask ``.npz`` files are written with a fixed zip date (``numpy.savez`` stamps the
+current time).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import time
+import zipfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
+
+KEY_SHAPES = ("circle", "square", "triangle")
+DISTRACTOR_SHAPES = ("ring", "cross", "star")
+COLOURS = {  # base RGB of the object palette; each object jitters it a little
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 205, 40),
+    "purple": (150, 60, 190),
+}
+TEXTURES = {"stripes": "stripes", "polka dots": "dots", "checkerboard": "checker"}
+BACKGROUNDS = {"plain background": "plain", "gradient background": "gradient", "noisy background": "noise"}
+
+CONCEPTS: tuple[str, ...] = (
+    *KEY_SHAPES, *DISTRACTOR_SHAPES, *COLOURS, *TEXTURES, "string", "grass", *BACKGROUNDS,
+)
+CONCEPT_INDEX = {name: i for i, name in enumerate(CONCEPTS)}
+
+
+@dataclass(frozen=True)
+class ClassRule:
+    """What the key object of a class looks like and where it goes."""
+
+    name: str
+    shape: str
+    texture: str | None  # concept name from TEXTURES, None = solid
+    placement: str = "anywhere"  # "anywhere" | "balloon" (top, string) | "ball" (bottom, grass)
+
+
+CLASSES: tuple[ClassRule, ...] = (
+    ClassRule("striped_circle", "circle", "stripes"),
+    ClassRule("dotted_square", "square", "polka dots"),
+    ClassRule("checkered_triangle", "triangle", "checkerboard"),
+    ClassRule("striped_square", "square", "stripes"),
+    ClassRule("dotted_triangle", "triangle", "polka dots"),
+    ClassRule("checkered_circle", "circle", "checkerboard"),
+    ClassRule("balloon", "circle", None, "balloon"),
+    ClassRule("ball", "circle", None, "ball"),
+)
+CLASS_NAMES: tuple[str, ...] = tuple(rule.name for rule in CLASSES)
+
+SIZE_PRESETS = {  # images per class: (train, val, test)
+    "default": (200, 40, 80),
+    "small": (48, 12, 24),
+    "tiny": (12, 4, 6),
+}
+MIN_IMAGE_SIZE = 32
+
+
+@dataclass
+class SynthSummary:
+    """What :func:`generate` wrote."""
+
+    root: Path
+    seed: int
+    image_size: tuple[int, int]
+    counts: dict[str, int]
+    num_classes: int
+    num_concepts: int
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- geometry
+def _rotated(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel offsets from ``(cy, cx)`` in a frame rotated by ``theta`` radians."""
+    dy, dx = yy - cy, xx - cx
+    c, s = np.cos(theta), np.sin(theta)
+    return dx * c + dy * s, -dx * s + dy * c
+
+
+def _convex_polygon(yy: np.ndarray, xx: np.ndarray, vertices: np.ndarray) -> np.ndarray:
+    """Boolean mask of the convex polygon with ``vertices`` ``[K, 2]`` as ``(y, x)`` in any winding."""
+    inside_pos = np.ones(np.broadcast(yy, xx).shape, dtype=bool)
+    inside_neg = inside_pos.copy()
+    for k in range(len(vertices)):
+        (y0, x0), (y1, x1) = vertices[k], vertices[(k + 1) % len(vertices)]
+        cross = (x1 - x0) * (yy - y0) - (y1 - y0) * (xx - x0)
+        inside_pos &= cross >= 0
+        inside_neg &= cross <= 0
+    return inside_pos | inside_neg
+
+
+def _triangle_vertices(cy: float, cx: float, r: float, theta: float) -> np.ndarray:
+    angles = theta - np.pi / 2 + np.arange(3) * 2 * np.pi / 3
+    return np.stack([cy + r * np.sin(angles), cx + r * np.cos(angles)], axis=1)
+
+
+def shape_mask(shape: str, size: tuple[int, int], cy: float, cx: float, r: float, theta: float) -> np.ndarray:
+    """Silhouette ``[H, W]`` bool of ``shape`` centred at ``(cy, cx)`` with outer radius ``r`` px."""
+    h, w = size
+    yy, xx = np.ogrid[:h, :w]
+    yy = yy.astype(np.float32)
+    xx = xx.astype(np.float32)
+    if shape == "circle":
+        return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    if shape == "ring":
+        d2 = (yy - cy) ** 2 + (xx - cx) ** 2
+        return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
+    u, v = _rotated(yy, xx, cy, cx, theta)
+    if shape == "square":
+        half = 0.8 * r
+        return (np.abs(u) <= half) & (np.abs(v) <= half)
+    if shape == "cross":
+        arm, thick = 0.95 * r, 0.3 * r
+        return ((np.abs(u) <= arm) & (np.abs(v) <= thick)) | ((np.abs(v) <= arm) & (np.abs(u) <= thick))
+    if shape == "triangle":
+        return _convex_polygon(yy, xx, _triangle_vertices(cy, cx, r, theta))
+    if shape == "star":  # hexagram: two overlapping triangles
+        return (_convex_polygon(yy, xx, _triangle_vertices(cy, cx, r, theta))
+                | _convex_polygon(yy, xx, _triangle_vertices(cy, cx, r, theta + np.pi / 3)))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def texture_pattern(kind: str, size: tuple[int, int], scale: float, rng: np.random.Generator) -> np.ndarray:
+    """``[H, W]`` bool: True where the texture's light second colour shows."""
+    h, w = size
+    yy, xx = np.ogrid[:h, :w]
+    yy = yy.astype(np.float32) + rng.uniform(0, 16)
+    xx = xx.astype(np.float32) + rng.uniform(0, 16)
+    if kind == "stripes":
+        period = rng.uniform(6.0, 8.0) * scale
+        theta = rng.uniform(0, np.pi)
+        t = xx * np.cos(theta) + yy * np.sin(theta)
+        return np.mod(t, period) < period / 2
+    if kind == "dots":
+        period = rng.uniform(6.5, 8.0) * scale
+        dy = np.mod(yy, period) - period / 2
+        dx = np.mod(xx, period) - period / 2
+        return dy * dy + dx * dx <= (0.3 * period) ** 2
+    if kind == "checker":
+        cell = rng.uniform(3.5, 4.5) * scale
+        return (np.floor(yy / cell) + np.floor(xx / cell)).astype(np.int64) % 2 == 0
+    raise ValueError(f"unknown texture {kind!r}")
+
+
+# ----------------------------------------------------------------------------- painting
+def _muted_colour(rng: np.random.Generator, spread: float = 18.0) -> np.ndarray:
+    """A greyish colour: backgrounds never use the saturated object palette."""
+    return np.clip(rng.uniform(70, 190) + rng.uniform(-spread, spread, size=3), 0, 255)
+
+
+def _background(kind: str, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """``[H, W, 3]`` float32 background of the given kind."""
+    h, w = size
+    if kind == "plain":
+        return np.broadcast_to(_muted_colour(rng), (h, w, 3)).astype(np.float32)
+    if kind == "gradient":
+        c0, c1 = _muted_colour(rng, 30), _muted_colour(rng, 30)
+        theta = rng.uniform(0, 2 * np.pi)
+        yy, xx = np.mgrid[:h, :w].astype(np.float32)
+        t = xx / max(w - 1, 1) * np.cos(theta) + yy / max(h - 1, 1) * np.sin(theta)
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+        return (c0 * (1 - t[..., None]) + c1 * t[..., None]).astype(np.float32)
+    if kind == "noise":
+        block = int(rng.integers(3, 7))
+        coarse = rng.normal(0, 28, size=(h // block + 1, w // block + 1, 1))
+        coarse = np.repeat(np.repeat(coarse, block, axis=0), block, axis=1)[:h, :w]
+        base = _muted_colour(rng, 10)
+        return (base + coarse + rng.normal(0, 12, size=(h, w, 1))).astype(np.float32)
+    raise ValueError(f"unknown background {kind!r}")
+
+
+def _object_colour(rng: np.random.Generator) -> tuple[str, np.ndarray]:
+    name = str(rng.choice(list(COLOURS)))
+    return name, np.clip(np.array(COLOURS[name], np.float32) + rng.uniform(-15, 15, size=3), 0, 255)
+
+
+class _Canvas:
+    """An image and its concept masks, painted layer by layer (later layers occlude earlier ones)."""
+
+    def __init__(self, size: tuple[int, int], background: str, rng: np.random.Generator) -> None:
+        self.size = size
+        self.image = _background(BACKGROUNDS[background], size, rng).copy()
+        self.masks = np.zeros((len(CONCEPTS), *size), dtype=bool)
+        self.masks[CONCEPT_INDEX[background]] = True
+
+    def paint(self, silhouette: np.ndarray, colour: np.ndarray, concepts: list[str]) -> None:
+        self.image[silhouette] = colour if colour.ndim == 1 else colour[silhouette]
+        self.masks[:, silhouette] = False
+        for name in concepts:
+            self.masks[CONCEPT_INDEX[name], silhouette] = True
+
+    def finish(self, rng: np.random.Generator) -> np.ndarray:
+        noisy = self.image + rng.normal(0, 3.0, size=self.image.shape)
+        return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+
+
+
+def _grass(canvas: _Canvas, rng: np.random.Generator, scale: float) -> int:
+    """Paint a grass band along the bottom; return the band's top row."""
+    h, w = canvas.size
+    top = int(round(h * rng.uniform(0.16, 0.22)))
+    top = h - top
+    blades = rng.integers(0, max(2, int(round(5 * scale))), size=w)  # ragged top edge
+    yy = np.arange(h)[:, None]
+    silhouette = yy >= (top - blades)[None, :]
+    base = np.array([50, 115, 40], np.float32) + rng.uniform(-10, 10, size=3)
+    shade = np.where(np.arange(w) % 3 == 0, -25.0, 0.0)[None, :, None]  # vertical blade stripes
+    colour = np.broadcast_to(base, (h, w, 3)) + shade
+    canvas.paint(silhouette, colour.astype(np.float32), ["grass"])
+    return top
+
+
+def _string(canvas: _Canvas, top: tuple[float, float], length: float, drift: float, scale: float) -> None:
+    """A thin dark line hanging down from ``top`` (the balloon's string)."""
+    h, w = canvas.size
+    y0, x0 = top
+    yy, xx = np.ogrid[:h, :w]
+    t = (yy - y0) / max(length, 1.0)
+    x_line = x0 + drift * t
+    half_width = max(1.0, 1.0 * scale)
+    silhouette = (t >= 0) & (t <= 1) & (np.abs(xx - x_line) <= half_width)
+    canvas.paint(silhouette, np.array([35, 35, 35], np.float32), ["string"])
+
+
+def _key_object(canvas: _Canvas, rule: ClassRule, rng: np.random.Generator, scale: float,
+                grass_top: int | None) -> tuple[float, float, float]:
+    """Paint the class's key object; return its bounding circle ``(cy, cx, r)``."""
+    h, w = canvas.size
+    s = min(h, w)
+    r = rng.uniform(0.13, 0.19) * s
+    cx = rng.uniform(r, w - r)
+    if rule.placement == "balloon":
+        cy = rng.uniform(r + 1, 0.38 * h)
+        _string(canvas, (cy + 0.9 * r, cx), rng.uniform(0.2, 0.3) * h, rng.uniform(-0.06, 0.06) * w, scale)
+    elif rule.placement == "ball":
+        assert grass_top is not None
+        cy = grass_top - 0.6 * r
+    else:
+        cy = rng.uniform(r, h - r)
+    theta = rng.uniform(0, 2 * np.pi)
+    silhouette = shape_mask(rule.shape, canvas.size, cy, cx, r, theta)
+    colour_name, colour = _object_colour(rng)
+    concepts = [rule.shape, colour_name]
+    fill = colour
+    if rule.texture is not None:
+        light = texture_pattern(TEXTURES[rule.texture], canvas.size, scale, rng)
+        tint = 0.35 * colour + 0.65 * 255.0
+        fill = np.where(light[..., None], tint, colour).astype(np.float32)
+        concepts.append(rule.texture)
+    canvas.paint(silhouette, fill, concepts)
+    extent = r if rule.placement != "balloon" else r + 0.3 * h  # keep distractors off the string
+    return cy, cx, extent
+
+
+def _distractors(canvas: _Canvas, rng: np.random.Generator, key: tuple[float, float, float]) -> None:
+    """1-3 small solid rings/crosses/stars that do not overlap the key object."""
+    h, w = canvas.size
+    s = min(h, w)
+    placed = [key]
+    for _ in range(int(rng.integers(1, 4))):
+        r = rng.uniform(0.07, 0.11) * s
+        for _attempt in range(30):
+            cy, cx = rng.uniform(r, h - r), rng.uniform(r, w - r)
+            if all((cy - py) ** 2 + (cx - px) ** 2 > (r + pr + 2) ** 2 for py, px, pr in placed):
+                break
+        else:
+            continue  # no room: fewer distractors in this image
+        shape = str(rng.choice(DISTRACTOR_SHAPES))
+        colour_name, colour = _object_colour(rng)
+        canvas.paint(shape_mask(shape, canvas.size, cy, cx, r, rng.uniform(0, 2 * np.pi)), colour,
+                     [shape, colour_name])
+        placed.append((cy, cx, r))
+
+
+def render(class_id: int, size: tuple[int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One image of class ``class_id``: (uint8 ``[H, W, 3]``, bool masks ``[M, H, W]``)."""
+    rule = CLASSES[class_id]
+    scale = min(size) / 112.0
+    background = str(rng.choice(list(BACKGROUNDS)))
+    canvas = _Canvas(size, background, rng)
+    grass_top = _grass(canvas, rng, scale) if rule.placement == "ball" else None
+    # The key object is painted before the distractors but they never overlap it; painting it first
+    # lets the distractor placement know where it is.
+    key = _key_object(canvas, rule, rng, scale, grass_top)
+    _distractors(canvas, rng, key)
+    return canvas.finish(rng), canvas.masks
+
+
+def image_rng(seed: int, split: str, class_id: int, index: int) -> np.random.Generator:
+    """The generator for one image: independent of generation order."""
+    return np.random.default_rng(np.random.SeedSequence([seed, SPLIT_IDS[split], class_id, index]))
+
+
+# ----------------------------------------------------------------------------- files
+def save_masks_npz(path: Path, masks: np.ndarray) -> None:
+    """Write ``masks`` (bool ``[M, H, W]``) as an ``.npz`` with key ``masks`` and a fixed zip date."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(masks, dtype=bool), allow_pickle=False)
+    info = zipfile.ZipInfo("masks.npy", date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(info, buf.getvalue())
+
+
+def _write_one(job: tuple[str, int, int, int, tuple[int, int]], root: Path) -> None:
+    split, class_id, index, seed, size = job
+    image, masks = render(class_id, size, image_rng(seed, split, class_id, index))
+    name = f"{index:05d}"
+    cls = CLASS_NAMES[class_id]
+    Image.fromarray(image, mode="RGB").save(root / split / cls / f"{name}.png", format="PNG")
+    save_masks_npz(root / "masks" / split / cls / f"{name}.npz", masks)
+
+
+def _write_chunk(jobs: list, root: str) -> int:
+    for job in jobs:
+        _write_one(job, Path(root))
+    return len(jobs)
+
+
+def _prepare_root(root: Path, overwrite: bool) -> None:
+    if (root / "dataset.json").exists() or any((root / s).exists() for s in (*SPLITS, "masks")):
+        if not overwrite:
+            raise FileExistsError(f"{root} already holds a dataset; pass overwrite=True (--overwrite) to replace it")
+        for sub in (*SPLITS, "masks"):
+            shutil.rmtree(root / sub, ignore_errors=True)
+        for meta in ("dataset.json", "classes.txt", "concepts.txt"):
+            (root / meta).unlink(missing_ok=True)
+    for split in SPLITS:
+        for cls in CLASS_NAMES:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            (root / "masks" / split / cls).mkdir(parents=True, exist_ok=True)
+
+
+def _validate(seed: int, per_class: dict[str, int], image_size: int) -> None:
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image size must be >= {MIN_IMAGE_SIZE} px, got {image_size}")
+    for split in SPLITS:
+        if per_class.get(split, -1) < 0:
+            raise ValueError(f"images per class for split {split!r} must be >= 0, got {per_class.get(split)}")
+    if per_class["train"] < 1:
+        raise ValueError("the train split needs at least one image per class")
+
+
+def generate(root: str | Path, seed: int = 0, per_class: dict[str, int] | None = None, image_size: int = 112,
+             workers: int = 1, overwrite: bool = False) -> SynthSummary:
+    """Write the synthetic dataset to ``root`` in the DESIGN layout and return a summary.
+
+    ``per_class``: images per class for ``train``/``val``/``test`` (default ``SIZE_PRESETS["default"]``).
+    ``workers > 1`` renders in that many processes; the files are identical either way.
+    ``dataset.json`` is written last, so its presence marks a complete dataset.
+    """
+    per_class = dict(zip(SPLITS, SIZE_PRESETS["default"])) | dict(per_class or {})
+    _validate(seed, per_class, image_size)
+    root = Path(root)
+    start = time.perf_counter()
+    _prepare_root(root, overwrite)
+    size = (image_size, image_size)
+    jobs = [(split, c, i, seed, size) for split in SPLITS for c in range(len(CLASSES)) for i in range(per_class[split])]
+    if workers > 1:
+        chunks = [jobs[k::workers * 4] for k in range(workers * 4)]
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            done = sum(pool.map(_write_chunk, chunks, [str(root)] * len(chunks)))
+        assert done == len(jobs)
+    else:
+        _write_chunk(jobs, str(root))
+    counts = {split: per_class[split] * len(CLASSES) for split in SPLITS}
+    _write_metadata(root, seed, size, counts)
+    seconds = time.perf_counter() - start
+    log.info("synthetic dataset: %s images in %.1f s at %s", counts, seconds, root)
+    return SynthSummary(root, seed, size, counts, len(CLASSES), len(CONCEPTS), seconds)
+
+
+def _write_metadata(root: Path, seed: int, size: tuple[int, int], counts: dict[str, int]) -> None:
+    (root / "classes.txt").write_text("".join(f"{c}\n" for c in CLASS_NAMES))
+    (root / "concepts.txt").write_text("".join(f"{c}\n" for c in CONCEPTS))
+    meta = {
+        "name": "salf-synth",
+        "seed": seed,
+        "image_size": list(size),
+        "classes": list(CLASS_NAMES),
+        "concepts": list(CONCEPTS),
+        "splits": counts,
+        "has_masks": True,
+    }
+    (root / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")

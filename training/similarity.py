@@ -1,0 +1,110 @@
+"""Similarity sources: the targets ``P [B, M, Gh, Gw]`` the concept bottleneck is trained against.
+
+``SimilaritySource`` is the contract (docs/DESIGN.md). This module implements the annotated-masks
+source; the CLIP red-circle source (paper 3.2, Algorithm 1) lives with the CLIP stages.
+
+``MaskSimilarity``: for a dataset that ships per-image concept masks, ``P[n, m, h, w]`` is the
+fraction of the disk of radius ``r`` around grid centre ``(h, w)`` (clipped to the image) that
+concept ``m``'s mask covers: the ground-truth analogue of "how well does concept m describe the
+region the red circle highlights".
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+
+from .data.folder import DatasetError, ImageFolderSplit
+from .grid import disk_matrix
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class SimilaritySource(Protocol):
+    """Per-batch local image-concept similarities, indexed like the dataset split."""
+
+    concepts: list[str]
+    grid: tuple[int, int]
+
+    def similarities(self, indices: Sequence[int]) -> torch.Tensor:
+        """``P`` for the images ``indices`` of the split: float32 ``[B, M, Gh, Gw]``."""
+        ...
+
+
+def disk_fractions(masks: torch.Tensor, disks: torch.Tensor, areas: torch.Tensor) -> torch.Tensor:
+    """Fraction of each disk covered by each mask: one ``[K, HW] @ [HW, G]`` product.
+
+    ``masks`` bool/float ``[..., H, W]`` (any leading dims, e.g. ``[B, M]``), ``disks`` float32
+    ``[H*W, G]`` (0/1), ``areas`` float32 ``[G]`` (pixels per disk) -> float32 ``[..., G]`` in ``[0, 1]``.
+    """
+    lead = masks.shape[:-2]
+    flat = masks.reshape(-1, masks.shape[-2] * masks.shape[-1]).to(torch.float32)
+    # torch's matmul, not numpy's: numpy's BLAS was ~10x slower for this shape on the project machines.
+    return ((flat @ disks) / areas).reshape(*lead, disks.shape[1])
+
+
+class MaskSimilarity:
+    """``SimilaritySource`` from annotated masks (``DATA/masks/<split>/<class>/<id>.npz``).
+
+    ``grid`` ``(Gh, Gw)`` and ``radius`` (pixels) are at ``input_size`` ``(H, W)`` (default: the
+    dataset's native image size), the resolution the masks are resized to (nearest). Results are
+    cached per image in memory (``N * M * Gh * Gw`` float32: ~6 MB for 1600 images, 19 concepts, 7x7).
+    """
+
+    _CHUNK = 64  # images per matrix product when filling the cache
+
+    def __init__(self, root: str | Path, split: str, grid: tuple[int, int] = (7, 7), radius: float = 32,
+                 input_size: tuple[int, int] | None = None) -> None:
+        self.dataset = ImageFolderSplit(root, split, input_size)
+        if not self.dataset.has_masks:
+            raise DatasetError(f"dataset {self.dataset.root} has no concept masks: the masks similarity source "
+                               f"needs DATA/masks/<split>/...; use the clip source for this dataset")
+        if self.dataset.concepts is None:
+            raise DatasetError(f"dataset {self.dataset.root} has masks but no concepts.txt naming them")
+        self.concepts: list[str] = self.dataset.concepts
+        self.grid: tuple[int, int] = (int(grid[0]), int(grid[1]))
+        self.radius = float(radius)
+        size = self.dataset.input_size or self.dataset.info.image_size or self.dataset.load_masks(0).shape[-2:]
+        self.input_size: tuple[int, int] = (int(size[0]), int(size[1]))
+        self._disks = torch.from_numpy(disk_matrix(self.input_size, self.grid, self.radius))
+        self._areas = self._disks.sum(dim=0)
+        if bool((self._areas == 0).any()):
+            raise ValueError(f"radius {radius} gives an empty disk at some grid cell")
+        g = self.grid[0] * self.grid[1]
+        self._cache = torch.zeros(len(self.dataset), len(self.concepts), g, dtype=torch.float32)
+        self._done = torch.zeros(len(self.dataset), dtype=torch.bool)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _masks(self, i: int) -> np.ndarray:
+        masks = self.dataset.load_masks(i)
+        if tuple(masks.shape[-2:]) != self.input_size:
+            raise DatasetError(f"masks of image {i} are {list(masks.shape[-2:])}, expected {list(self.input_size)}; "
+                               f"pass input_size to resize them")
+        if masks.shape[0] != len(self.concepts):
+            raise DatasetError(f"image {i} has {masks.shape[0]} masks for {len(self.concepts)} concepts")
+        return masks
+
+    def _compute(self, indices: list[int]) -> None:
+        masks = torch.from_numpy(np.stack([self._masks(i) for i in indices]))
+        self._cache[indices] = disk_fractions(masks, self._disks, self._areas)
+        self._done[indices] = True
+
+    def similarities(self, indices: Sequence[int]) -> torch.Tensor:
+        """``P`` float32 ``[B, M, Gh, Gw]`` for the split's images ``indices`` (dataset order)."""
+        idx = torch.as_tensor(list(indices), dtype=torch.long).reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise IndexError(f"similarity indices must lie in [0, {len(self)}), got {idx.tolist()[:8]}...")
+        missing = idx[~self._done[idx]].unique().tolist()
+        for start in range(0, len(missing), self._CHUNK):
+            self._compute(missing[start:start + self._CHUNK])
+        return self._cache[idx].view(len(idx), len(self.concepts), *self.grid).clone()
+
+    def precompute(self) -> torch.Tensor:
+        """Fill the cache for the whole split; returns ``P`` float32 ``[N, M, Gh, Gw]``."""
+        return self.similarities(range(len(self)))
