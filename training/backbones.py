@@ -8,7 +8,6 @@ the path to put it in.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -175,6 +174,47 @@ _TV_RESNETS = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}
 _TV_VITS = {"vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32"}
 
 
+def _torchvision_vit(spec: BackboneSpec) -> nn.Module:
+    """torchvision ViT; random or local weights use the spec's image size (pretrained ones fix 224)."""
+    h, w = spec.input_size
+    if h != w:
+        raise ValueError(f"torchvision ViTs need a square input, got {spec.input_size}")
+    if spec.weights and spec.weights.startswith("torchvision:"):
+        net = _torchvision_net(spec.arch, spec.weights)
+        if net.image_size != h:
+            raise ValueError(f"{spec.weights} was trained at {net.image_size} px; set input_size to "
+                             f"[{net.image_size}, {net.image_size}]")
+        return net
+    import torchvision
+
+    return getattr(torchvision.models, spec.arch)(weights=None, image_size=h)
+
+
+def _timm_net(spec: BackboneSpec) -> nn.Module:
+    """timm model without classifier. ``timm:pretrained`` reads the local Hugging Face cache only:
+    the file is located first and handed to timm, so a missing file never reaches the network."""
+    import timm
+
+    name = spec.arch.split(":", 1)[1]
+    kwargs = {"num_classes": 0, "img_size": spec.input_size}
+    if spec.weights != "timm:pretrained":
+        return timm.create_model(name, pretrained=False, **kwargs)
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    hub_id = getattr(cfg, "hf_hub_id", None)
+    if not hub_id:
+        raise WeightsNotFoundError(f"timm has no Hugging Face weights for {name!r}; pass a local checkpoint path")
+    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        path = try_to_load_from_cache(hub_id, filename)
+        if isinstance(path, str):
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": path}, **kwargs)
+    raise WeightsNotFoundError(
+        f"timm weights for {name!r} ({hub_id}) are not in the local Hugging Face cache and this machine cannot "
+        f"download them; put model.safetensors under {constants.HF_HUB_CACHE}/models--{hub_id.replace('/', '--')}"
+        f" or pass a local checkpoint path as weights")
+
+
 def _hub_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
@@ -230,29 +270,9 @@ def build_backbone(spec: BackboneSpec) -> Backbone:
     elif arch in _TV_RESNETS:
         backbone = CNNBackbone(spec, _torchvision_net(arch, spec.weights))
     elif arch in _TV_VITS:
-        h, w = spec.input_size
-        net = _torchvision_net(arch, spec.weights) if not local else None
-        if net is None:
-            import torchvision
-
-            net = getattr(torchvision.models, arch)(weights=None, image_size=h)
-        backbone = TorchvisionViTBackbone(spec, net)
+        backbone = TorchvisionViTBackbone(spec, _torchvision_vit(spec))
     elif arch.startswith("timm:"):
-        import timm
-
-        name = arch.split(":", 1)[1]
-        pretrained = spec.weights == "timm:pretrained"
-        if pretrained:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        try:
-            net = timm.create_model(name, pretrained=pretrained, num_classes=0, img_size=spec.input_size)
-        except Exception as exc:  # timm raises several types for a missing offline file
-            if pretrained:
-                raise WeightsNotFoundError(
-                    f"timm weights for {name!r} are not in the local Hugging Face cache "
-                    f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}); pass a local checkpoint path instead") from exc
-            raise
-        backbone = TimmViTBackbone(spec, net)
+        backbone = TimmViTBackbone(spec, _timm_net(spec))
     else:
         raise ValueError(f"unknown backbone arch {arch!r}")
     if local:
