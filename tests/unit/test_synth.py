@@ -1,0 +1,136 @@
+"""Synthetic dataset (training/data/synth.py, `salfctl data synth`): determinism, layout, concept design."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from training.data import synth
+from training.data.folder import ImageFolderSplit
+
+TINY = {"train": 2, "val": 1, "test": 1}
+
+
+def _digest(root):
+    """sha256 of every file under root, by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.timeout(60)
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
+    a = _digest(synth.generate(tmp_path / "a", seed=7, per_class=TINY, image_size=48).root)
+    b = _digest(synth.generate(tmp_path / "b", seed=7, per_class=TINY, image_size=48, workers=2).root)
+    c = _digest(synth.generate(tmp_path / "c", seed=8, per_class=TINY, image_size=48).root)
+    assert a == b
+    assert len(a) == 8 * 4 * 2 + 3  # image + mask per image, three metadata files
+    differing = [k for k in a if k.endswith((".png", ".npz")) and a[k] != c[k]]
+    assert len(differing) == 8 * 4 * 2
+
+
+def test_image_independent_of_generation_order():
+    first = synth.render(3, (48, 48), synth.image_rng(5, "val", 3, 2))
+    synth.render(0, (48, 48), synth.image_rng(5, "train", 0, 0))  # interleave another draw
+    again = synth.render(3, (48, 48), synth.image_rng(5, "val", 3, 2))
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+
+
+def test_metadata_and_layout(synth_data):
+    meta = json.loads((synth_data / "dataset.json").read_text())
+    assert set(meta) == {"name", "seed", "image_size", "classes", "concepts", "splits", "has_masks"}
+    assert meta["classes"] == (synth_data / "classes.txt").read_text().splitlines() == list(synth.CLASS_NAMES)
+    assert meta["concepts"] == (synth_data / "concepts.txt").read_text().splitlines() == list(synth.CONCEPTS)
+    assert meta["splits"] == {"train": 96, "val": 32, "test": 48} and meta["has_masks"] is True
+    assert meta["image_size"] == [112, 112] and meta["seed"] == 0
+    for split in synth.SPLITS:
+        assert len(list((synth_data / split).rglob("*.png"))) == meta["splits"][split]
+        assert len(list((synth_data / "masks" / split).rglob("*.npz"))) == meta["splits"][split]
+
+
+def _all_masks(root, split):
+    ds = ImageFolderSplit(root, split)
+    return ds, [ds.load_masks(i) for i in range(len(ds))]
+
+
+def test_masks_layers_and_class_concepts(synth_data):
+    idx = synth.CONCEPT_INDEX
+    layers = [idx[c] for c in (*synth.KEY_SHAPES, *synth.DISTRACTOR_SHAPES, "string", "grass", *synth.BACKGROUNDS)]
+    objects = [idx[c] for c in (*synth.KEY_SHAPES, *synth.DISTRACTOR_SHAPES)]
+    colours = [idx[c] for c in synth.COLOURS]
+    seen = np.zeros(len(synth.CONCEPTS), bool)
+    for split in synth.SPLITS:
+        ds, masks = _all_masks(synth_data, split)
+        for label, m in zip(ds.labels, masks):
+            assert m.shape == (len(synth.CONCEPTS), 112, 112) and m.dtype == np.bool_
+            # every pixel belongs to exactly one layer; object pixels carry exactly one colour
+            assert (m[layers].sum(0) == 1).all()
+            obj = m[objects].any(0)
+            np.testing.assert_array_equal(m[colours].sum(0), obj.astype(int))
+            present = {c for c, k in idx.items() if m[k].any()}
+            # the class is exactly the rule whose defining concepts are present (what the head must learn)
+            matching = [r for r, rule in enumerate(synth.CLASSES) if _defining(rule) <= present]
+            assert matching == [label], (ds.paths, present)
+            seen |= m.any(axis=(1, 2))
+    assert seen.all(), [c for c, s in zip(synth.CONCEPTS, seen) if not s]
+
+
+def _defining(rule):
+    extra = {"balloon": "string", "ball": "grass"}.get(rule.placement, rule.texture)
+    return {rule.shape, extra}
+
+
+def test_colour_masks_match_pixels(synth_data):
+    ds, masks = _all_masks(synth_data, "val")
+    for colour, rgb in synth.COLOURS.items():
+        k = synth.CONCEPT_INDEX[colour]
+        pix = np.concatenate([ds.image(i)[m[k]] for i, m in enumerate(masks)]).astype(float)
+        assert len(pix) > 0
+        # solid and textured pixels are the colour or its light tint: the mean sits near the base
+        # colour and far from every other palette colour
+        dists = {c: np.linalg.norm(pix.mean(0) - (0.8 * np.array(v) + 0.2 * 255)) for c, v in synth.COLOURS.items()}
+        assert min(dists, key=dists.get) == colour
+
+
+def test_positional_classes(synth_data):
+    ds, masks = _all_masks(synth_data, "train")
+    circle = synth.CONCEPT_INDEX["circle"]
+    for label, m in zip(ds.labels, masks):
+        name = synth.CLASS_NAMES[label]
+        if name in ("balloon", "ball"):
+            rows = np.nonzero(m[circle].any(1))[0]
+            centre = rows.mean() / 112
+            assert centre < 0.4 if name == "balloon" else centre > 0.6
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="seed"):
+        synth.generate(tmp_path / "x", seed=-1, per_class=TINY)
+    with pytest.raises(ValueError, match="image size"):
+        synth.generate(tmp_path / "x", seed=0, per_class=TINY, image_size=16)
+    with pytest.raises(ValueError, match="train"):
+        synth.generate(tmp_path / "x", seed=0, per_class={"train": 0, "val": 1, "test": 1})
+
+
+def test_cli(tmp_path):
+    import typer
+
+    from training.cli import data_app
+
+    app = typer.Typer()  # mounted as in salfctl, without importing the other parts' commands
+    app.add_typer(data_app, name="data")
+    out = tmp_path / "cli"
+    args = ["data", "synth", "--out", str(out), "--seed", "3", "--size", "tiny", "--train-per-class", "1",
+            "--val-per-class", "1", "--test-per-class", "0", "--image-size", "40"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "8 classes, 19 concepts, train/val/test = 8/8/0 images at 40x40, seed 3" in result.output
+    with Image.open(next((out / "train").rglob("*.png"))) as im:
+        assert im.size == (40, 40)
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "already holds a dataset" in again.output
+    assert CliRunner().invoke(app, args + ["--overwrite"]).exit_code == 0
+    bad = CliRunner().invoke(app, ["data", "synth", "--out", str(tmp_path / "o2"), "--size", "huge"])
+    assert bad.exit_code != 0 and "unknown size preset" in bad.output
