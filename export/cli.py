@@ -25,6 +25,8 @@ def export(
     parity: bool = typer.Option(True, "--parity/--no-parity", help="torch vs onnxruntime check (fails the export)"),
     parity_images: Optional[Path] = typer.Option(None, "--parity-images",
                                                  help="folder of real images for the parity check (e.g. DATA/test)"),
+    atol: float = typer.Option(1e-4, "--atol", help="parity: absolute tolerance (fp32)"),
+    rtol: float = typer.Option(1e-4, "--rtol", help="parity: tolerance relative to max |torch output|"),
     max_batch_size: int = typer.Option(32, "--max-batch-size"),
     max_queue_delay_us: int = typer.Option(2000, "--max-queue-delay-us", help="dynamic batcher delay (µs)"),
     instance_kind: str = typer.Option("auto", "--instance-kind", help="auto | cpu | gpu"),
@@ -36,20 +38,22 @@ def export(
 ) -> None:
     """Export a bundle to a Triton model repository (salf_cbm + salf_head, configs, metadata)."""
     from .onnx_graphs import ExportError
+    from .parity import Tolerance
     from .repository import export_repository
     from .triton_config import TritonOptions
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_optimizer_logs()
     if tensorrt and flavour != "onnxruntime":
-        raise typer.BadParameter("--tensorrt applies to the onnxruntime flavour only", param_hint="--tensorrt")
+        typer.echo("export failed: --tensorrt applies to the onnxruntime flavour only", err=True)
+        raise typer.Exit(code=2)
     options = TritonOptions(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
                             instance_kind=instance_kind, instance_count=instance_count, tensorrt=tensorrt,
                             intra_op_threads=threads)
     try:
         options.validate()
         report = export_repository(bundle, out, flavour=flavour, parity=parity, parity_images=parity_images,
-                                   options=options)
+                                   options=options, tolerance=Tolerance(atol=atol, rtol=rtol))
     except (ExportError, ValueError, FileNotFoundError) as exc:
         typer.echo(f"export failed: {exc}", err=True)
         raise typer.Exit(code=1) from exc

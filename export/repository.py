@@ -181,12 +181,14 @@ def _real_images(paths, input_size) -> np.ndarray | None:
 
 
 def export_repository(bundle_dir: str | Path, out_dir: str | Path, flavour: str = "onnxruntime",
-                      parity: bool = True, parity_images=None, options: TritonOptions | None = None) -> ExportReport:
+                      parity: bool = True, parity_images=None, options: TritonOptions | None = None,
+                      tolerance=None) -> ExportReport:
     """Export a bundle to a Triton model repository; returns an :class:`ExportReport`.
 
     ``flavour``: ``"onnxruntime"`` (native backend) or ``"python"`` (model.py + onnxruntime).
     ``parity``: compare torch and onnxruntime (batch sizes 1 and 7, random images and ``parity_images``,
-    a folder or a list of image files) and raise :class:`ExportError` if a figure is over tolerance.
+    a folder or a list of image files) and raise :class:`ExportError` if a figure is over ``tolerance``
+    (:class:`export.parity.Tolerance`, default atol = rtol = 1e-4); nothing in ``out_dir`` changes then.
     """
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown flavour {flavour!r}; choose one of {FLAVOURS}")
@@ -208,7 +210,7 @@ def export_repository(bundle_dir: str | Path, out_dir: str | Path, flavour: str 
             from .parity import check_parity
 
             figures = check_parity(model, spec.mean, spec.std, spec.input_size, cbm_path, head_path,
-                                   real_images=_real_images(parity_images, spec.input_size))
+                                   real_images=_real_images(parity_images, spec.input_size), tolerance=tolerance)
         write_flavour(staging, flavour, opts)
         models = {}
         for name, path, ins, outs in ((CBM_MODEL, cbm_path, CBM_INPUTS, CBM_OUTPUTS),
