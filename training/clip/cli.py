@@ -1,6 +1,206 @@
-"""Commands of this part for `salfctl` (see training/cli.py)."""
+"""`salfctl train concepts` and `salfctl train similarities` (see training/cli.py).
+
+Heavy imports (torch, open_clip) happen inside the commands so that `salfctl --help` stays fast.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
 import typer
+
+log = logging.getLogger(__name__)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _load_cfg(config: Optional[str]):
+    from training.config import SalfConfig, load_config
+
+    return load_config(config) if config else SalfConfig()
+
+
+def _apply_clip_overrides(cfg, clip: Optional[str], pretrained: Optional[str], device: Optional[str],
+                          batch_size: Optional[int]) -> None:
+    if clip:
+        cfg.clip.model = clip
+    if pretrained:
+        cfg.clip.pretrained = pretrained
+    if device:
+        cfg.clip.device = device
+    if batch_size:
+        cfg.clip.batch_size = batch_size
+
+
+def _parse_grid(text: str) -> tuple[int, int]:
+    try:
+        gh, gw = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise typer.BadParameter(f"grid must look like 7x7, got {text!r}")
+    return gh, gw
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("training.clip").setLevel(logging.INFO)
+
+
+def concepts(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for concepts.txt and report.json."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset root: classes, and train images for the "
+                                        "top-5 filter."),
+    classes_file: Optional[Path] = typer.Option(None, "--classes", help="Class names, one a line (default: "
+                                                "DATA/classes.txt)."),
+    concepts_file: Optional[Path] = typer.Option(None, "--concepts", help="Start from this concept list "
+                                                 "(default: DATA/concepts.txt unless --generate)."),
+    generate: bool = typer.Option(False, "--generate", help="Generate the list with an LLM (3 prompts per class)."),
+    llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", envvar="OPENAI_BASE_URL",
+                                               help="OpenAI-compatible endpoint, e.g. https://host/v1."),
+    llm_model: Optional[str] = typer.Option(None, "--llm-model", envvar="OPENAI_MODEL", help="Chat model name."),
+    llm_api_key: Optional[str] = typer.Option(None, "--llm-api-key", envvar="OPENAI_API_KEY",
+                                              help="Bearer key (env OPENAI_API_KEY)."),
+    llm_timeout: float = typer.Option(60.0, "--llm-timeout", help="Seconds per request."),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset or JSON file for the clip settings."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="open_clip model name (overrides the config)."),
+    clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="Local weights file or "
+                                                  "locally cached tag. Nothing is downloaded."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto / cpu / cuda[:k]."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", help="Drop concepts longer than this."),
+    class_cutoff: Optional[float] = typer.Option(None, "--class-cutoff", help="Drop if cos to a class >= this."),
+    concept_cutoff: Optional[float] = typer.Option(None, "--concept-cutoff", help="Near-duplicate cut-off."),
+    top5_cutoff: Optional[float] = typer.Option(None, "--top5-cutoff", help="Drop if the mean top-5 image "
+                                                "similarity is below this."),
+    no_image_filter: bool = typer.Option(False, "--no-image-filter", help="Skip the top-5 image filter."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Build the concept list: a user list or an LLM's, filtered as in the paper (3.1)."""
+    _logging(verbose)
+    from .concepts import ConceptGenerationError, LLMEndpoint, generate_concepts
+    from .encode import ClipWeightsNotFoundError
+    from .pipeline import encoder_from_config, read_concept_file, run_concept_stage, settings_from_config, split_images
+
+    cfg = _load_cfg(config)
+    _apply_clip_overrides(cfg, clip, clip_pretrained, device, None)
+    if classes_file is None and data is None:
+        _fail("pass --data DATA (its classes.txt) or --classes FILE")
+    try:
+        class_names = read_concept_file(classes_file or Path(data) / "classes.txt")
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    out.mkdir(parents=True, exist_ok=True)
+    if generate:
+        if concepts_file is not None:
+            _fail("pass either --concepts FILE or --generate, not both")
+        if not llm_base_url or not llm_model:
+            _fail("--generate needs --llm-base-url/OPENAI_BASE_URL and --llm-model/OPENAI_MODEL")
+        endpoint = LLMEndpoint(llm_base_url, llm_model, llm_api_key, timeout_s=llm_timeout)
+        try:
+            initial, answers = generate_concepts(class_names, endpoint)
+        except ConceptGenerationError as exc:
+            _fail(str(exc))
+        import json
+
+        (out / "generated.json").write_text(json.dumps({"endpoint": llm_base_url, "model": llm_model,
+                                                        "answers": answers, "concepts": initial}, indent=1) + "\n")
+    else:
+        source = concepts_file or (Path(data) / "concepts.txt" if data else None)
+        if source is None:
+            _fail("no concept list: pass --concepts FILE, --data DATA with a concepts.txt, or --generate")
+        try:
+            initial = read_concept_file(source)
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
+    settings = settings_from_config(cfg)
+    for name, value in (("max_length", max_length), ("class_cutoff", class_cutoff),
+                        ("concept_cutoff", concept_cutoff), ("top5_cutoff", top5_cutoff)):
+        if value is not None:
+            setattr(settings, name, value)
+    if no_image_filter:
+        settings.top5_cutoff = None
+    paths = names = None
+    if settings.top5_cutoff is not None:
+        if data is None:
+            _fail("the top-5 image filter needs --data (training images); or pass --no-image-filter")
+        paths, names = split_images(data)
+    try:
+        encoder = encoder_from_config(cfg)
+        result = run_concept_stage(encoder, initial, class_names, settings, out, paths, names,
+                                   cfg.clip.batch_size, cfg.clip.num_workers)
+    except (ClipWeightsNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"{len(result.kept)} of {len(initial)} concepts kept -> {out / 'concepts.txt'} "
+               f"(report: {out / 'report.json'})")
+
+
+def similarities(
+    data: Path = typer.Option(..., "--data", help="Dataset root (ImageFolder layout)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Cache folder (e.g. RUN/similarities)."),
+    split: str = typer.Option("train", "--split"),
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset or JSON file (grid, radius, clip)."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="open_clip model name (overrides the config)."),
+    clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="Local weights file or "
+                                                  "locally cached tag. Nothing is downloaded."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="e.g. 7x7 (default: the config's)."),
+    radius: Optional[int] = typer.Option(None, "--radius", help="Circle radius in CLIP-input pixels "
+                                         "(default: the config's, scaled to the CLIP input size)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per forward pass."),
+    shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Images per shard."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Image-decoding workers."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto / cpu / cuda[:k] (torchrun: cuda:LOCAL_RANK)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto / fp32 / bf16 / fp16."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the image encoder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache built with other settings."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Red-circle prompt embeddings of every image (paper 3.2): resumable shards + manifest.
+
+    Under torchrun each rank takes its own shards; rerun the same command to resume after a kill.
+    """
+    _logging(verbose)
+    from training.data.folder import DatasetError
+
+    from .encode import ClipWeightsNotFoundError
+    from .pipeline import clip_radius, encoder_from_config
+    from .similarities import CacheError, compute_prompt_embeddings
+    from training.data.folder import ImageFolderSplit
+
+    cfg = _load_cfg(config)
+    _apply_clip_overrides(cfg, clip, clip_pretrained, device, batch_size)
+    if precision:
+        cfg.clip.precision = precision
+    if shard_size:
+        cfg.clip.shard_size = shard_size
+    if workers is not None:
+        cfg.clip.num_workers = workers
+    if cfg.clip.device == "auto" and "LOCAL_RANK" in os.environ:
+        import torch
+
+        if torch.cuda.is_available():
+            cfg.clip.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    grid_hw = _parse_grid(grid) if grid else tuple(cfg.grid)
+    try:
+        ds = ImageFolderSplit(data, split)
+        root = Path(ds.root)
+        names = [p.relative_to(root).as_posix() for p in ds.paths]
+        encoder = encoder_from_config(cfg)
+        r = radius if radius is not None else clip_radius(cfg, encoder.image_size)
+        manifest = compute_prompt_embeddings(ds.paths, names, encoder, out, grid_hw, r,
+                                             shard_size=cfg.clip.shard_size, batch_size=cfg.clip.batch_size,
+                                             num_workers=cfg.clip.num_workers, compile=compile or cfg.clip.compile,
+                                             overwrite=overwrite)
+    except (ClipWeightsNotFoundError, DatasetError, CacheError, ValueError) as exc:
+        _fail(str(exc))
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"prompt embeddings of {len(names)} images ({grid_hw[0]}x{grid_hw[1]} grid, r={r}) -> {manifest}")
 
 
 def register(train_app: typer.Typer, data_app: typer.Typer) -> None:
     """Add this part's commands to the `train` and `data` apps."""
+    train_app.command("concepts")(concepts)
+    train_app.command("similarities")(similarities)
