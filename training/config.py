@@ -22,6 +22,8 @@ class BackboneTrainCfg:
     lr: float = 2e-3
     batch_size: int = 64
     weight_decay: float = 1e-4
+    enabled: bool = False  # `train all` runs `train backbone` first (no pre-trained weights at hand)
+    augment: bool = True  # random crops (pad + crop) and horizontal flips
 
 
 @dataclass
@@ -40,6 +42,7 @@ class CBLCfg:
     interpretability_cutoff: float = 0.45  # drop concepts whose val similarity is below this
     feature_cache_dtype: str = "float16"
     shard_size: int = 1024
+    feature_batch_size: int = 64  # images per backbone forward while caching features
 
 
 @dataclass
@@ -51,19 +54,25 @@ class HeadCfg:
     max_iters: int = 2000
     tol: float = 1e-6
     dense: bool = False  # plain (non-sparse) multinomial regression instead
+    path_min_ratio: float = 1e-3  # the path ends at lam_max * path_min_ratio
+    dense_lam: float = 1e-4  # ridge strength of the dense head and of the dense baseline
 
 
 @dataclass
 class ClipCfg:
-    model: str = "ViT-B-16"
-    pretrained: str | None = None  # tag or local weights path
-    batch_size: int = 256
-    precision: str = "auto"  # "auto": bf16 on GPU, fp32 on CPU
-    shard_size: int = 1024
+    """CLIP stages (training/clip): concept filtering and red-circle prompt embeddings."""
+    model: str = "ViT-B-16"  # any open_clip architecture, or a config in training/clip/configs
+    pretrained: str | None = None  # local weights path or locally cached tag; None: random init (tests only)
+    batch_size: int = 256  # prompts per forward pass
+    precision: str = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU
+    shard_size: int = 1024  # images per embedding shard
+    device: str = "auto"
+    num_workers: int | None = None  # image-decoding workers; None: 0 on CPU, up to 8 with a GPU
+    compile: bool = False  # torch.compile the image encoder (GPU)
     max_concept_length: int = 30
     class_similarity_cutoff: float = 0.85
     concept_similarity_cutoff: float = 0.9
-    top5_cutoff: float = 0.0
+    top5_cutoff: float | None = 0.25  # Label-free CBM's CLIP cut-off; None skips the image filter
 
 
 @dataclass
@@ -74,6 +83,8 @@ class SalfConfig:
     grid: tuple[int, int] = (7, 7)
     radius: int = 32
     pooling: str = "avg"
+    device: str = "auto"  # "auto": CUDA when available, else CPU
+    num_workers: int = 0  # DataLoader worker processes for image decoding
     data: str | None = None  # dataset root (ImageFolder layout); CLI --data overrides
     concepts: str | None = None  # concept list file; default: <data>/concepts.txt
     backbone_train: BackboneTrainCfg = field(default_factory=BackboneTrainCfg)
