@@ -43,6 +43,9 @@ def _open(data: bytes, what: str) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidArgument(f"{what} is too large to decode: {exc}") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise InvalidArgument(f"{what} ({len(data)} bytes) could not be decoded as JPEG, PNG or WebP: "
+                              f"not a recognised image format") from exc
     except Exception as exc:  # Pillow raises many types for corrupt data; all mean "cannot decode"
         raise InvalidArgument(f"{what} ({len(data)} bytes) could not be decoded as JPEG, PNG or WebP: {exc}") from exc
     if img.format not in ACCEPTED_FORMATS:

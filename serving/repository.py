@@ -123,7 +123,7 @@ def load_model_spec(root: str | Path) -> ModelSpec:
         pooling=str(doc["pooling"]),
         concepts=concepts,
         classes=classes,
-        bundle_sha256=str(doc.get("bundle_sha256") or ""),
+        bundle_sha256=str((doc.get("bundle") or {}).get("weights_sha256", "")),
         weight=head["head.weight"],
         bias=head["head.bias"],
         concept_mean=head["concept_mean"],

@@ -126,7 +126,7 @@ def _resolve_index(name: str | None, index: int | None, names: tuple[str, ...], 
             return names.index(name)
         except ValueError:
             preview = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
-            raise InvalidArgument(f"unknown {what} {name!r}; the model's {len(names)} {what}s are {preview}") from None
+            raise InvalidArgument(f"unknown {what} {name!r}; the model has {len(names)}: {preview}") from None
     if index is None:
         raise InvalidArgument(f"no {what} given: set its name or index")
     if not 0 <= index < len(names):

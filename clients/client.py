@@ -1,0 +1,171 @@
+"""A small Python client of the SALF-CBM gateway (``salf.v1.Gateway``).
+
+```python
+from clients.client import SalfClient
+with SalfClient.connect("localhost:50051", timeout=10) as c:     # checks health and the model first
+    r = c.explain(open("cat.jpg", "rb").read(), top_k=3)
+    c.explain_region(mask_png=open("roi.png", "rb").read(), explanation_id=r.explanation_id)
+with SalfClient.local("model_repository") as c:                   # gateway in this process
+    print(c.info.classes)
+```
+Responses are the generated protobuf messages (``salf/v1/gateway.proto`` documents every field).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class GatewayUnavailable(RuntimeError):
+    """The gateway (or its inference backend) cannot be reached or is not ready."""
+
+
+def _pb():
+    try:
+        from salf.v1 import gateway_pb2, gateway_pb2_grpc
+    except ImportError as exc:
+        raise ImportError("the generated gRPC code is missing: run `make proto` (writes salf/v1/)") from exc
+    return gateway_pb2, gateway_pb2_grpc
+
+
+class SalfClient:
+    """Stubs for every RPC with a per-call deadline (``timeout`` seconds) and optional bearer token/TLS."""
+
+    def __init__(self, url: str, timeout: float = 30.0, token: str | None = None,
+                 ca_cert: str | Path | None = None, tls: bool = False, _server=None) -> None:
+        self.pb, pb_grpc = _pb()
+        self.url = url
+        self.timeout = float(timeout)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        size = 64 * 1024 * 1024
+        options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+        if ca_cert is not None or tls:
+            roots = Path(ca_cert).read_bytes() if ca_cert is not None else None
+            self.channel = grpc.secure_channel(url, grpc.ssl_channel_credentials(root_certificates=roots), options)
+        else:
+            self.channel = grpc.insecure_channel(url, options)
+        self.stub = pb_grpc.GatewayStub(self.channel)
+        self._server = _server
+        self.info = None
+
+    # ---------------------------------------------------------- construction
+
+    @classmethod
+    def connect(cls, url: str, timeout: float = 30.0, token: str | None = None,
+                ca_cert: str | Path | None = None, tls: bool = False) -> "SalfClient":
+        """A client whose gateway answered health and GetModelInfo (with a ready backend)."""
+        client = cls(url, timeout, token, ca_cert, tls)
+        try:
+            client.check()
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    @classmethod
+    def local(cls, model_repository: str | Path, timeout: float = 30.0, triton_url: str | None = None) -> "SalfClient":
+        """Start a gateway in this process on a free loopback port (no metrics) and connect to it."""
+        try:
+            from serving.server import GatewayServer, ServeConfig
+        except ImportError as exc:
+            raise GatewayUnavailable(f"running without --url needs the serving extra (pip install '.[serve]'): {exc}") from exc
+        server = GatewayServer(ServeConfig(model_repository=Path(model_repository), triton_url=triton_url,
+                                           host="127.0.0.1", port=0, metrics_port=None, max_workers=4)).start()
+        client = cls(f"127.0.0.1:{server.port}", timeout, _server=server)
+        try:
+            client.check()
+        except BaseException:
+            client.close()
+            raise
+        return client
+
+    def check(self) -> None:
+        """Fail fast (STYLE 9): health SERVING, model metadata readable, backend ready."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        health = health_pb2_grpc.HealthStub(self.channel)
+        try:
+            status = health.Check(health_pb2.HealthCheckRequest(service="salf.v1.Gateway"), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise GatewayUnavailable(f"cannot reach the gateway at {self.url}: {exc.code().name}: {exc.details()}") from exc
+        if status.status != health_pb2.HealthCheckResponse.SERVING:
+            raise GatewayUnavailable(f"the gateway at {self.url} is not serving (health: "
+                                     f"{health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)})")
+        self.info = self.model_info()
+        if not self.info.backend_ready:
+            raise GatewayUnavailable(f"the gateway at {self.url} is up but its {self.info.backend} backend "
+                                     f"({self.info.backend_target}) is not ready")
+
+    def close(self) -> None:
+        self.channel.close()
+        if self._server is not None:
+            self._server.stop(grace=0.5)
+            self._server = None
+
+    def __enter__(self) -> "SalfClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------- RPCs
+
+    def _call(self, method, request, timeout: float | None):
+        return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
+
+    def model_info(self, timeout: float | None = None):
+        return self._call(self.stub.GetModelInfo, self.pb.GetModelInfoRequest(), timeout)
+
+    def class_rules(self, class_name: str = "", timeout: float | None = None):
+        return self._call(self.stub.GetClassRules, self.pb.GetClassRulesRequest(class_name=class_name), timeout)
+
+    def predict(self, image: bytes, top_k: int = 0, timeout: float | None = None):
+        return self._call(self.stub.Predict, self.pb.PredictRequest(image=image, top_k=top_k), timeout)
+
+    def explain(self, image: bytes, class_name: str | None = None, class_index: int | None = None, top_k: int = 0,
+                heatmaps: str = "png", timeout: float | None = None):
+        """``heatmaps``: "png", "float16", "both" or "none"."""
+        req = self.pb.ExplainRequest(image=image, top_k=top_k,
+                                     heatmaps=self.pb.HeatmapFormat.Value(f"HEATMAP_FORMAT_{heatmaps.upper()}"))
+        if class_name:
+            req.class_name = class_name
+        elif class_index is not None:
+            req.class_index = class_index
+        return self._call(self.stub.Explain, req, timeout)
+
+    def region(self, mask_png: bytes | None = None, box: Sequence[float] | None = None,
+               points: Iterable[Sequence[float]] | None = None, radius: float = 0.0):
+        """A ``Region`` message from exactly one of a mask (encoded PNG), a box (x0, y0, x1, y1) or points."""
+        given = [x is not None for x in (mask_png, box, points)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of mask_png, box, points")
+        if mask_png is not None:
+            return self.pb.Region(mask_png=mask_png)
+        if box is not None:
+            x0, y0, x1, y1 = box
+            return self.pb.Region(box=self.pb.Box(x0=x0, y0=y0, x1=x1, y1=y1))
+        return self.pb.Region(points=self.pb.Points(points=[self.pb.Point(x=x, y=y) for x, y in points], radius=radius))
+
+    def explain_region(self, region, explanation_id: str = "", image: bytes = b"", top_k: int = 0,
+                       timeout: float | None = None):
+        req = self.pb.ExplainRegionRequest(explanation_id=explanation_id, image=image, region=region, top_k=top_k)
+        return self._call(self.stub.ExplainRegion, req, timeout)
+
+    def edit(self, region, beta: float, concept: str | int):
+        """A ``ConceptEdit``: concept by name (str) or index (int)."""
+        e = self.pb.ConceptEdit(region=region, beta=beta)
+        if isinstance(concept, str):
+            e.concept_name = concept
+        else:
+            e.concept_index = int(concept)
+        return e
+
+    def intervene(self, edits: list, explanation_id: str = "", image: bytes = b"", top_k: int = 0,
+                  timeout: float | None = None):
+        req = self.pb.InterveneRequest(explanation_id=explanation_id, image=image, edits=edits, top_k=top_k)
+        return self._call(self.stub.Intervene, req, timeout)
