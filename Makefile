@@ -30,7 +30,10 @@ proto: venv salf/v1/.generated
 salf/v1/.generated: $(PROTOS)
 	mkdir -p salf/v1
 	$(PY) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
-	touch salf/__init__.py salf/v1/__init__.py $@
+	touch salf/__init__.py salf/v1/__init__.py
+	@# An editable install made before salf/ existed does not map it: reinstall (no deps, seconds) once.
+	cd / && $(abspath $(PY)) -c "import salf.v1.gateway_pb2" 2>/dev/null || (cd $(CURDIR) && $(PIP) install -q --no-deps -e .)
+	touch $@
 
 # ---------------------------------------------------------------- Triton (issue 4)
 # .venv-triton: Triton 2.51 (inside the nvidia-pytriton wheel, python backend only) + numpy<2 +

@@ -251,7 +251,8 @@ def intervene(image: Path = typer.Argument(..., exists=True, dir_okay=False, hel
         target = concept if concept in client.info.concepts or not concept.isdigit() else int(concept)
         try:
             r = client.intervene([client.edit(region, beta, target)], image=image.read_bytes(), top_k=top_k)
-            rows.append({"image": str(image), "concept": concept, "beta": beta,
+            name = client.info.concepts[target] if isinstance(target, int) and target < len(client.info.concepts) else concept
+            rows.append({"image": str(image), "concept": name, "beta": beta,
                          "predicted_before": _class_dict(r.predicted_before),
                          "predicted_after": _class_dict(r.predicted_after),
                          "before": [_class_dict(c) for c in r.before], "after": [_class_dict(c) for c in r.after],

@@ -1,0 +1,117 @@
+"""The gateway when things go wrong or are locked down: Triton unreachable (UNAVAILABLE, never a
+crash), deadlines passed to the backends, bearer-token auth and TLS with a self-signed certificate."""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from tests.fixtures.gateway import encode, sample_image, wait_for_health
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+PNG = encode(sample_image(1))
+
+
+@pytest.fixture(scope="module")
+def pb():
+    from salf.v1 import gateway_pb2
+
+    return gateway_pb2
+
+
+def _stub(channel):
+    from salf.v1 import gateway_pb2_grpc
+
+    return gateway_pb2_grpc.GatewayStub(channel)
+
+
+# ------------------------------------------------------------------ Triton down
+
+def test_unreachable_triton_is_unavailable_and_the_gateway_survives(gateway_on_dead_triton, pb):
+    with grpc.insecure_channel(gateway_on_dead_triton.url) as channel:
+        stub = _stub(channel)
+        region = pb.Region(box=pb.Box(x0=0, y0=0, x1=10, y1=10))
+        calls = [(stub.Predict, pb.PredictRequest(image=PNG)),
+                 (stub.Explain, pb.ExplainRequest(image=PNG)),
+                 (stub.ExplainRegion, pb.ExplainRegionRequest(image=PNG, region=region)),
+                 (stub.Intervene, pb.InterveneRequest(image=PNG, edits=[pb.ConceptEdit(concept_index=0, region=region,
+                                                                                       beta=1.0)]))]
+        for method, request in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                method(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "Triton at 127.0.0.1:" in info.value.details() and "cannot serve salf_cbm" in info.value.details()
+        # Metadata comes from the local repository: still served, with the backend reported not ready.
+        info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+        assert info.backend == "triton" and not info.backend_ready
+        assert len(stub.GetClassRules(pb.GetClassRulesRequest(), timeout=10).rules) == 3
+
+
+# ------------------------------------------------------------------ deadlines
+
+def test_triton_backend_gets_the_deadline(triton_server, exported_repo):
+    from serving.backends import TritonBackend
+    from serving.errors import DeadlineExceeded
+    from serving.repository import load_model_spec
+
+    spec = load_model_spec(exported_repo)
+    backend = TritonBackend(spec, triton_server.grpc_url)
+    x = np.zeros((1, *spec.input_size, 3), np.uint8)
+    try:
+        assert backend.infer(x, timeout_s=10.0)[2].shape == (1, 3)
+        with pytest.raises(DeadlineExceeded, match="before the request's deadline"):
+            backend.infer(x, timeout_s=1e-6)
+    finally:
+        backend.close()
+
+
+def test_embedded_backend_cancels_a_run_past_its_deadline(exported_repo):
+    from serving.backends import EmbeddedBackend
+    from serving.errors import DeadlineExceeded
+    from serving.repository import load_model_spec
+
+    spec = load_model_spec(exported_repo)
+    backend = EmbeddedBackend(spec)
+    big = np.random.default_rng(0).integers(0, 256, (256, *spec.input_size, 3), dtype=np.uint8)
+    with pytest.raises(DeadlineExceeded):
+        backend.infer(big, timeout_s=1e-4)
+    with pytest.raises(DeadlineExceeded, match="deadline passed before"):
+        backend.infer(big[:1], timeout_s=0.0)
+    assert backend.infer(big[:2], timeout_s=30.0)[0].shape[0] == 2
+
+
+def test_client_deadline_is_deadline_exceeded(embedded_gateway, pb):
+    with grpc.insecure_channel(embedded_gateway.url) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            _stub(channel).Explain(pb.ExplainRequest(image=PNG), timeout=1e-6)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+# ------------------------------------------------------------------ auth
+
+def test_bearer_token_auth(token_gateway, pb):
+    with grpc.insecure_channel(token_gateway.url) as channel:
+        stub = _stub(channel)
+        for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", "s3cret-token"),)):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Predict(pb.PredictRequest(image=PNG), timeout=10, metadata=metadata)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "bearer token" in info.value.details()
+        ok = stub.Predict(pb.PredictRequest(image=PNG), timeout=10,
+                          metadata=(("authorization", "Bearer s3cret-token"),))
+        assert len(ok.classes) == 3
+    wait_for_health(token_gateway.url, 5.0)  # health stays open for probes
+
+
+# ------------------------------------------------------------------ TLS
+
+def test_tls(tls_gateway, pb):
+    creds = grpc.ssl_channel_credentials(root_certificates=tls_gateway.cert.read_bytes())
+    with grpc.secure_channel(f"localhost:{tls_gateway.server.port}", creds) as channel:
+        assert len(_stub(channel).Predict(pb.PredictRequest(image=PNG), timeout=10).classes) == 3
+    # A plaintext client cannot talk to the TLS port.
+    with grpc.insecure_channel(tls_gateway.url) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            _stub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=3)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -1,0 +1,209 @@
+"""`salfctl` client commands against real gateways (both backends) and `salfctl serve` as a real process.
+
+In-process runs use typer's CliRunner on the real app (a real gRPC connection to the gateway); the
+subprocess runs check what only a process shows: exit codes, fail-fast timing, SIGTERM shutdown.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from tests.fixtures.gateway import (ROOT, SALFCTL, TOKEN, encode, free_port, sample_image, start_salfctl_serve)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Two images (84x112), an ROI mask of the same size, and an undecodable 'image'."""
+    d = tmp_path_factory.mktemp("salfctl")
+    paths = {}
+    for n in range(2):
+        paths[f"img{n}"] = d / f"img{n}.png"
+        paths[f"img{n}"].write_bytes(encode(sample_image(n)))
+    mask = np.zeros((84, 112), np.uint8)
+    mask[20:60, 30:80] = 255
+    paths["mask"] = d / "roi.png"
+    paths["mask"].write_bytes(encode(mask))
+    paths["bad"] = d / "broken.png"
+    paths["bad"].write_bytes(b"\x89PNG this is not an image")
+    return paths
+
+
+def salfctl(*args: str):
+    from clients.salfctl import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def _jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture()
+def client(gateway):
+    from clients.client import SalfClient
+
+    with SalfClient.connect(gateway.url, timeout=10) as c:
+        yield c
+
+
+# ------------------------------------------------------------------ every command, both backends
+
+def test_predict_many_images_as_json_lines(gateway, files, client):
+    r = salfctl("predict", files["img0"], files["img1"], "-u", gateway.url, "--top-k", "2", "--json")
+    assert r.exit_code == 0, r.output
+    rows = _jsonl(r.stdout)
+    assert [row["image"] for row in rows] == [str(files["img0"]), str(files["img1"])]
+    for row, key in zip(rows, ("img0", "img1")):
+        direct = client.predict(files[key].read_bytes(), top_k=2)
+        assert [c["index"] for c in row["classes"]] == [c.index for c in direct.classes]
+        np.testing.assert_allclose([c["probability"] for c in row["classes"]], [c.probability for c in direct.classes],
+                                   rtol=1e-6)
+
+
+def test_explain_roi_writes_overlays_and_outline(gateway, files, client, tmp_path):
+    out = tmp_path / "out"
+    r = salfctl("explain", files["img0"], "--roi", files["mask"], "--top-k", "3", "--out", out,
+                "-u", gateway.url, "--json")
+    assert r.exit_code == 0, r.output
+    (row,) = _jsonl(r.stdout)
+    assert 1 <= len(row["concepts"]) <= 3
+    image = np.asarray(Image.open(files["img0"]).convert("RGB"))
+    for c in row["concepts"]:
+        overlay = np.asarray(Image.open(c["overlay"]))
+        assert overlay.shape == image.shape
+        assert not np.array_equal(overlay, image)  # the jet heatmap is blended in
+        assert (overlay[20, 30:80] == 255).all()   # the ROI outline (white) on the mask's top edge
+    roi = np.asarray(Image.open(out / "img0.roi.png"))
+    assert (roi[20, 30:80] == [255, 0, 0]).all() and np.array_equal(roi[40, 50], image[40, 50])
+    assert sorted(p.name for p in out.iterdir()) == sorted(Path(f).name for f in row["files"])
+    # The region table equals ExplainRegion through the client library.
+    direct = client.explain_region(client.region(mask_png=files["mask"].read_bytes()),
+                                   image=files["img0"].read_bytes(), top_k=3)
+    assert [a["index"] for a in row["region"]["concepts"]] == [a.index for a in direct.concepts]
+    np.testing.assert_allclose([a["activation"] for a in row["region"]["concepts"]],
+                               [a.activation for a in direct.concepts], rtol=1e-5)
+    assert row["region"]["area"] == 40 * 50
+
+
+def test_explain_tables_and_requested_class(gateway, files):
+    r = salfctl("explain", files["img1"], "--class", "class_2", "--box", "0,0,50,40", "-u", gateway.url)
+    assert r.exit_code == 0, r.output
+    assert "class_2" in r.stdout and "contribution" in r.stdout and "region of 2000 px" in r.stdout
+
+
+def test_intervene_matches_the_rpc(gateway, files, client):
+    r = salfctl("intervene", files["img0"], "--roi", files["mask"], "--concept", "concept 1", "--beta", "2.5",
+                "-u", gateway.url, "--json")
+    assert r.exit_code == 0, r.output
+    (row,) = _jsonl(r.stdout)
+    direct = client.intervene([client.edit(client.region(mask_png=files["mask"].read_bytes()), 2.5, "concept 1")],
+                              image=files["img0"].read_bytes())
+    np.testing.assert_allclose(list(row["logit_deltas"].values()), direct.logit_deltas, rtol=1e-5, atol=1e-6)
+    assert row["predicted_after"]["index"] == direct.predicted_after.index
+    by_index = salfctl("intervene", files["img0"], "--box", "0,0,20,20", "--concept", "3", "--beta", "-1",
+                       "-u", gateway.url, "--json")
+    assert by_index.exit_code == 0, by_index.output
+    assert _jsonl(by_index.stdout)[0]["concept"] == "concept 3"
+    table = salfctl("intervene", files["img0"], "--box", "0,0,20,20", "--concept", "concept 3", "--beta", "-1",
+                    "-u", gateway.url)
+    assert table.exit_code == 0, table.output
+    assert "delta" in table.stdout and "edited region" in table.stdout
+
+
+def test_rules_and_info(gateway):
+    r = salfctl("rules", "--class", "class_1", "-u", gateway.url, "--json")
+    assert r.exit_code == 0, r.output
+    (rule,) = _jsonl(r.stdout)
+    assert rule["class"] == "class_1" and all(t["weight"] != 0 for t in rule["terms"])
+    r = salfctl("info", "-u", gateway.url, "--json")
+    (info,) = _jsonl(r.stdout)
+    assert info["backend"] == gateway.backend and info["grid"] == [7, 7] and len(info["concepts"]) == 6
+    assert "class_0" in salfctl("rules", "-u", gateway.url).stdout
+
+
+def test_request_errors_exit_1_with_the_reason(gateway, files):
+    r = salfctl("predict", files["img0"], files["bad"], "-u", gateway.url, "--json")
+    assert r.exit_code == 1
+    ok, bad = _jsonl(r.stdout)
+    assert "classes" in ok and bad["error"]["code"] == "INVALID_ARGUMENT"
+    assert f"{files['bad']}: INVALID_ARGUMENT: image" in r.stderr and "could not be decoded" in r.stderr
+    r = salfctl("intervene", files["img0"], "--roi", files["mask"], "--concept", "purple", "--beta", "1", "-u", gateway.url)
+    assert r.exit_code == 1 and "unknown concept 'purple'" in r.stderr
+    r = salfctl("explain", files["img0"], "--top-k", "99", "-u", gateway.url)
+    assert r.exit_code == 1 and "top_k 99 is out of range" in r.stderr
+
+
+# ------------------------------------------------------------------ no URL: in-process gateway
+
+def test_without_url_runs_against_a_local_repository(exported_repo, files, tmp_path):
+    r = salfctl("explain", files["img0"], "--roi", files["mask"], "-m", exported_repo, "--out", tmp_path, "--json")
+    assert r.exit_code == 0, r.output
+    (row,) = _jsonl(r.stdout)
+    assert all(Path(f).is_file() for f in row["files"])
+    r = salfctl("info", "-m", tmp_path / "nothing-here")
+    assert r.exit_code == 3 and "salf_model.json does not exist" in r.stderr
+
+
+# ------------------------------------------------------------------ fail fast, auth, TLS, Triton down
+
+def test_unreachable_gateway_fails_fast(files):
+    start = time.monotonic()
+    p = subprocess.run([*SALFCTL, "predict", str(files["img0"]), "-u", f"127.0.0.1:{free_port()}", "--timeout", "20"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 3
+    assert "cannot reach the gateway at 127.0.0.1:" in p.stderr and "UNAVAILABLE" in p.stderr
+    assert time.monotonic() - start < 15  # connection refused is reported at once, not after --timeout
+
+
+def test_backend_not_ready_fails_fast(gateway_on_dead_triton, files):
+    r = salfctl("predict", files["img0"], "-u", gateway_on_dead_triton.url)
+    assert r.exit_code == 3 and "its triton backend" in r.stderr and "is not ready" in r.stderr
+
+
+def test_token(token_gateway, files):
+    r = salfctl("info", "-u", token_gateway.url)
+    assert r.exit_code == 3 and "UNAUTHENTICATED" in r.stderr
+    r = salfctl("predict", files["img0"], "-u", token_gateway.url, "--token", TOKEN, "--json")
+    assert r.exit_code == 0, r.output
+
+
+def test_tls(tls_gateway, files):
+    url = f"localhost:{tls_gateway.server.port}"
+    r = salfctl("predict", files["img0"], "-u", url, "--ca-cert", tls_gateway.cert, "--json")
+    assert r.exit_code == 0, r.output
+    assert len(_jsonl(r.stdout)[0]["classes"]) == 3
+
+
+# ------------------------------------------------------------------ salfctl serve as a process
+
+def test_salfctl_serve_process(exported_repo, files, tmp_path):
+    serve = start_salfctl_serve(exported_repo, tmp_path / "serve.log")
+    try:
+        p = subprocess.run([*SALFCTL, "predict", str(files["img0"]), str(files["img1"]), "-u", serve.url, "--json"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert len(_jsonl(p.stdout)) == 2
+        import urllib.request
+
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{serve.metrics_port}/metrics", timeout=5).read().decode()
+        assert 'salf_gateway_requests_total{code="OK",method="Predict"} 2.0' in metrics
+    finally:
+        code = serve.stop(grace=10.0)
+    assert code == 0, serve.log_path.read_text()
+    assert "gateway stopped" in serve.log_path.read_text()
+
+
+def test_salfctl_serve_rejects_a_missing_repository(tmp_path):
+    p = subprocess.run([*SALFCTL, "serve", "--model-repository", str(tmp_path), "--port", "0", "--metrics-port", "-1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "salf_model.json does not exist" in p.stderr
