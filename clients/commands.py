@@ -197,7 +197,7 @@ def _explain_one(client, image: Path, region, class_name, top_k, out: Optional[P
            "concepts": [{"index": c.index, "name": c.name, "contribution": c.contribution, "weight": c.weight,
                          "score": c.score} for c in r.concepts]}
     if region is not None:
-        rr = client.explain_region(region, explanation_id=r.explanation_id, image=data, top_k=top_k)
+        rr = _region_by_id(client, region, r.explanation_id, data, top_k)
         row["region"] = {"area": rr.region_area, "concepts": [_activation_dict(a) for a in rr.concepts]}
     if out is not None:
         rgb = render.load_rgb(data)
@@ -213,6 +213,18 @@ def _explain_one(client, image: Path, region, class_name, top_k, out: Optional[P
             files.append(render.save_png(out / f"{image.stem}.roi.png", render.draw_outline(rgb, mask, (255, 0, 0))))
         row["files"] = [str(f) for f in files]
     return row
+
+
+def _region_by_id(client, region, explanation_id: str, data: bytes, top_k: int):
+    """ExplainRegion on the cached maps; resend the image only if the id expired meanwhile."""
+    import grpc
+
+    try:
+        return client.explain_region(region, explanation_id=explanation_id, top_k=top_k)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        return client.explain_region(region, explanation_id=explanation_id, image=data, top_k=top_k)
 
 
 def _region_mask(region, size):
