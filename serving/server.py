@@ -183,8 +183,9 @@ class GatewayServicer:
     """``salf.v1.Gateway``: protobuf in, :class:`Gateway` call, protobuf out. No error handling here:
     exceptions go to :class:`BoundaryInterceptor`."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, max_message_bytes: int = 64 * 1024 * 1024) -> None:
         self.gateway = gateway
+        self.max_message_bytes = int(max_message_bytes)
         self.pb, _ = _pb()
 
     def Predict(self, request, context):
@@ -203,10 +204,17 @@ class GatewayServicer:
                                  class_index=request.class_index if which == "class_index" else None,
                                  top_k=request.top_k, heatmaps=fmt != pb.HEATMAP_FORMAT_NONE,
                                  timeout_s=context.time_remaining())
-        return pb.ExplainResponse(explanation_id=r.explanation_id, target=class_score_pb(pb, r.target),
-                                  predictions=[class_score_pb(pb, c) for c in r.predictions],
-                                  concepts=[contribution_pb(pb, c, fmt) for c in r.concepts],
-                                  image_height=r.size[0], image_width=r.size[1])
+        response = pb.ExplainResponse(explanation_id=r.explanation_id, target=class_score_pb(pb, r.target),
+                                      predictions=[class_score_pb(pb, c) for c in r.predictions],
+                                      concepts=[contribution_pb(pb, c, fmt) for c in r.concepts],
+                                      image_height=r.size[0], image_width=r.size[1])
+        # Heatmaps grow with the image; say why instead of failing in the transport (RESOURCE_EXHAUSTED).
+        size = response.ByteSize()
+        if size > self.max_message_bytes:
+            raise errors.InvalidArgument(
+                f"the explanation would be {size / 2**20:.0f} MiB, above the gateway's {self.max_message_bytes / 2**20:.0f} MiB "
+                f"message limit: ask for fewer concepts (top_k), PNG instead of float16 heatmaps, or a smaller image")
+        return response
 
     def ExplainRegion(self, request, context):
         pb = self.pb
@@ -313,7 +321,7 @@ class GatewayServer:
                              interceptors=[BoundaryInterceptor(self.metrics, c.token)],
                              options=[("grpc.max_receive_message_length", size),
                                       ("grpc.max_send_message_length", size)])
-        pb_grpc.add_GatewayServicer_to_server(GatewayServicer(self.gateway), server)
+        pb_grpc.add_GatewayServicer_to_server(GatewayServicer(self.gateway, size), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{c.host}:{c.port}"

@@ -115,3 +115,24 @@ def test_tls(tls_gateway, pb):
         with pytest.raises(grpc.RpcError) as info:
             _stub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=3)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# ------------------------------------------------------------------ oversized responses
+
+def test_oversized_explanation_is_refused_with_the_reason(exported_repo, pb):
+    from tests.fixtures.gateway import start_gateway
+
+    gw = start_gateway(exported_repo, max_message_mb=1, metrics_port=None)
+    big = encode(sample_image(2, size=(700, 700)))
+    try:
+        with grpc.insecure_channel(gw.url) as channel:
+            stub = _stub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Explain(pb.ExplainRequest(image=big, top_k=6, heatmaps=pb.HEATMAP_FORMAT_FLOAT16), timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "above the gateway's 1 MiB message limit" in info.value.details()
+            # PNG heatmaps of the same image fit.
+            ok = stub.Explain(pb.ExplainRequest(image=big, top_k=1), timeout=30)
+            assert ok.concepts[0].heatmap.height == 700
+    finally:
+        gw.server.stop(grace=0.5)
