@@ -91,19 +91,27 @@ def _emit(rows: list[dict], as_json: bool, table_fn) -> int:
     return EXIT_FAILED if failed else 0
 
 
-def _region(client, roi: Optional[Path], box: Optional[str]):
-    if roi is not None and box is not None:
-        raise typer.BadParameter("give --roi or --box, not both")
+def _numbers(text: str, n: int, flag: str, form: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != n:
+        raise typer.BadParameter(f"{flag} must be {form} in pixels, got {text!r}")
+    return values
+
+
+def _region(client, roi: Optional[Path], box: Optional[str], points: Optional[List[str]] = None, radius: float = 0.0):
+    """The ROI message from exactly one of --roi, --box, --point (or None when none is given)."""
+    given = [x for x in (roi, box, points or None) if x is not None]
+    if len(given) > 1:
+        raise typer.BadParameter("give only one of --roi, --box, --point")
     if roi is not None:
         return client.region(mask_png=roi.read_bytes())
     if box is not None:
-        try:
-            values = [float(v) for v in box.split(",")]
-        except ValueError:
-            values = []
-        if len(values) != 4:
-            raise typer.BadParameter(f"--box must be x0,y0,x1,y1 in pixels, got {box!r}")
-        return client.region(box=values)
+        return client.region(box=_numbers(box, 4, "--box", "x0,y0,x1,y1"))
+    if points:
+        return client.region(points=[_numbers(p, 2, "--point", "x,y") for p in points], radius=radius)
     return None
 
 
@@ -152,8 +160,11 @@ def explain(images: List[Path] = typer.Argument(..., exists=True, dir_okay=False
                                                help="Write heatmap overlays (jet over the image) and the ROI outline here."),
             url: Optional[str] = URL, model_repository: Path = REPO, timeout: float = TIMEOUT,
             token: Optional[str] = TOKEN, ca_cert: Optional[Path] = CA_CERT, as_json: bool = JSON) -> None:
-    """Top-k concepts by contribution W[l,m]*c*_m, with heatmaps; with --roi/--box also the top
-    concepts by aggregated activation inside the region (Explain Anything)."""
+    """Top-k concepts by contribution W[l,m]*c*_m with heatmaps; --roi/--box adds Explain Anything.
+
+    With a region, the top concepts by aggregated activation inside it are listed too, and the
+    overlays under --out carry the region's outline.
+    """
     import grpc
 
     rows = []
@@ -295,6 +306,44 @@ def intervene(image: Path = typer.Argument(..., exists=True, dir_okay=False, hel
     raise typer.Exit(_emit(rows, as_json, table))
 
 
+def explain_region(images: List[Path] = typer.Argument(..., exists=True, dir_okay=False, help="Image files."),
+                   roi: Optional[Path] = typer.Option(None, "--roi", exists=True, dir_okay=False,
+                                                      help="ROI mask (PNG, the image's size)."),
+                   box: Optional[str] = typer.Option(None, "--box", help="ROI as x0,y0,x1,y1 (pixels)."),
+                   point: Optional[List[str]] = typer.Option(None, "--point", help="ROI point x,y (repeatable)."),
+                   radius: float = typer.Option(0.0, "--radius", help="Point radius in pixels (0: the model's prompt radius)."),
+                   top_k: int = TOP_K, url: Optional[str] = URL, model_repository: Path = REPO,
+                   timeout: float = TIMEOUT, token: Optional[str] = TOKEN, ca_cert: Optional[Path] = CA_CERT,
+                   as_json: bool = JSON) -> None:
+    """Explain Anything: top concepts by aggregated activation inside a mask, box or points."""
+    import grpc
+
+    rows = []
+    with _connect(url, model_repository, timeout, token, ca_cert) as client:
+        region = _region(client, roi, box, point, radius)
+        if region is None:
+            raise typer.BadParameter("explain-region needs a region: --roi, --box or --point")
+        for image in _progress(images, "explain-region"):
+            try:
+                r = client.explain_region(region, image=image.read_bytes(), top_k=top_k)
+                rows.append({"image": str(image), "explanation_id": r.explanation_id, "area": r.region_area,
+                             "concepts": [_activation_dict(a) for a in r.concepts]})
+            except grpc.RpcError as exc:
+                rows.append(_rpc_error(image, exc))
+
+    def table(console, row):
+        from rich.table import Table
+
+        t = Table(title=f"{row['image']}: region of {row['area']} px, concepts by activation")
+        for col in ("rank", "concept", "activation", "mean"):
+            t.add_column(col, justify="left" if col == "concept" else "right")
+        for n, a in enumerate(row["concepts"], 1):
+            t.add_row(str(n), a["name"], f"{a['activation']:+.3f}", f"{a['mean_activation']:+.4f}")
+        console.print(t)
+
+    raise typer.Exit(_emit(rows, as_json, table))
+
+
 def rules(class_name: Optional[str] = typer.Option(None, "--class", help="Only this class."),
           url: Optional[str] = URL, model_repository: Path = REPO, timeout: float = TIMEOUT,
           token: Optional[str] = TOKEN, ca_cert: Optional[Path] = CA_CERT, as_json: bool = JSON) -> None:
@@ -349,6 +398,7 @@ def register(app: typer.Typer) -> None:
     """Add this part's commands to the top-level `salfctl` app."""
     app.command("predict")(predict)
     app.command("explain")(explain)
+    app.command("explain-region")(explain_region)
     app.command("intervene")(intervene)
     app.command("rules")(rules)
     app.command("info")(info)

@@ -207,3 +207,18 @@ def test_salfctl_serve_rejects_a_missing_repository(tmp_path):
     p = subprocess.run([*SALFCTL, "serve", "--model-repository", str(tmp_path), "--port", "0", "--metrics-port", "-1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "salf_model.json does not exist" in p.stderr
+
+
+def test_explain_region_command_with_points(gateway, files, client):
+    r = salfctl("explain-region", files["img0"], files["img1"], "--point", "40,30", "--point", "100,70",
+                "--radius", "6", "-u", gateway.url, "--json", "--top-k", "6")
+    assert r.exit_code == 0, r.output
+    rows = _jsonl(r.stdout)
+    assert len(rows) == 2
+    direct = client.explain_region(client.region(points=[(40, 30), (100, 70)], radius=6),
+                                   image=files["img1"].read_bytes(), top_k=6)
+    assert rows[1]["area"] == direct.region_area
+    np.testing.assert_allclose([a["activation"] for a in rows[1]["concepts"]],
+                               [a.activation for a in direct.concepts], rtol=1e-5)
+    r = salfctl("explain-region", files["img0"], "--box", "1,2,3", "-u", gateway.url)
+    assert r.exit_code == 2 and "--box must be x0,y0,x1,y1" in r.output
