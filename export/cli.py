@@ -27,6 +27,8 @@ def export(
                                                  help="folder of real images for the parity check (e.g. DATA/test)"),
     atol: float = typer.Option(1e-4, "--atol", help="parity: absolute tolerance (fp32)"),
     rtol: float = typer.Option(1e-4, "--rtol", help="parity: tolerance relative to max |torch output|"),
+    exporter: str = typer.Option("auto", "--exporter",
+                                 help="auto (TorchScript, dynamo if tracing fails) | torchscript | dynamo"),
     max_batch_size: int = typer.Option(32, "--max-batch-size"),
     max_queue_delay_us: int = typer.Option(2000, "--max-queue-delay-us", help="dynamic batcher delay (µs)"),
     instance_kind: str = typer.Option("auto", "--instance-kind", help="auto | cpu | gpu"),
@@ -53,7 +55,8 @@ def export(
     try:
         options.validate()
         report = export_repository(bundle, out, flavour=flavour, parity=parity, parity_images=parity_images,
-                                   options=options, tolerance=Tolerance(atol=atol, rtol=rtol))
+                                   options=options, tolerance=Tolerance(atol=atol, rtol=rtol),
+                                   exporter=exporter)
     except (ExportError, ValueError, FileNotFoundError) as exc:
         typer.echo(f"export failed: {exc}", err=True)
         raise typer.Exit(code=1) from exc

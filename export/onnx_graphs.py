@@ -7,14 +7,17 @@ std) is inside the graph so clients send uint8 (4x less traffic than float32).
 ``salf_head``: ``concept_maps`` float32 ``[B, M, Gh, Gw]`` -> ``concept_scores``, ``logits``: the part
 that local intervention re-runs.
 
-Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``. For these graphs (conv /
-ViT backbone, bilinear resize, 1x1 conv, reduce, gemm) it folds BatchNorm into the convolutions and
-gives a small, clean graph with named inputs/outputs and a symbolic batch axis, and it exports in a
-fraction of the time of the dynamo exporter on CPU. The exported graph then goes through
-``onnxscript.optimizer`` (constant folding, Identity/dead-node removal: 53 -> 36 nodes for the tiny
-CNN); what remains besides the model's own ops is the Shape/Slice/Concat that keeps the batch axis
-dynamic. Opset ``OPSET`` (18) is read by every
-onnxruntime since 1.14, including the 1.19 that NVIDIA's Triton 24.10 (2.51) images ship.
+Exporter (``exporter="auto"``): the TorchScript-based ``torch.onnx.export(..., dynamo=False)`` first.
+For these graphs (conv backbone, bilinear resize, 1x1 conv, reduce, gemm) it folds BatchNorm into
+the convolutions and gives a small, clean graph with named inputs/outputs and a symbolic batch axis,
+in about a second for the tiny CNN (the dynamo exporter takes 10-20x longer on CPU). Backbones that
+tracing cannot follow (e.g. timm ViTs, whose token-grid side is computed from a traced shape) fall
+back to the dynamo exporter (``torch.export`` with a symbolic ``batch`` dim), which handles them;
+the report names the exporter used. Either graph then goes through ``onnxscript.optimizer``
+(constant folding, Identity/dead-node removal: 53 -> 36 nodes for the tiny CNN); what remains
+besides the model's own ops is the Shape/Slice/Concat that keeps the batch axis dynamic.
+Opset ``OPSET`` (18) is read by every onnxruntime since 1.14, including the 1.19 that NVIDIA's
+Triton 24.10 (2.51) images ship.
 """
 from __future__ import annotations
 
@@ -57,10 +60,11 @@ class UInt8SalfCBM(nn.Module):
         return self.model(normalize_uint8(image, self.mean, self.std))
 
 
-def _export(module: nn.Module, example: torch.Tensor, path: Path, inputs: tuple[str, ...],
-            outputs: tuple[str, ...], opset: int) -> None:
-    """Trace ``module`` on ``example`` and write ``path`` with a dynamic batch axis on every tensor."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+EXPORTERS = ("auto", "torchscript", "dynamo")
+
+
+def _export_torchscript(module: nn.Module, example: torch.Tensor, path: Path, inputs: tuple[str, ...],
+                        outputs: tuple[str, ...], opset: int) -> None:
     dynamic_axes = {name: {0: "batch"} for name in (*inputs, *outputs)}
     with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript exporter warns that it is legacy; it is chosen deliberately (module docstring).
@@ -71,8 +75,43 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, inputs: tuple[
         torch.onnx.export(module.eval(), (example,), str(path), input_names=list(inputs),
                           output_names=list(outputs), dynamic_axes=dynamic_axes, opset_version=opset,
                           do_constant_folding=True, dynamo=False)
+
+
+def _export_dynamo(module: nn.Module, example: torch.Tensor, path: Path, inputs: tuple[str, ...],
+                   outputs: tuple[str, ...], opset: int) -> None:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module.eval(), (example,), None, input_names=list(inputs),
+                                    output_names=list(outputs), dynamic_shapes=({0: batch},),
+                                    opset_version=opset, dynamo=True, verbose=False, optimize=True)
+    program.save(str(path))
+
+
+def _export(module: nn.Module, example: torch.Tensor, path: Path, inputs: tuple[str, ...],
+            outputs: tuple[str, ...], opset: int, exporter: str = "auto") -> str:
+    """Write ``module`` on ``example`` to ``path`` with a dynamic batch axis on every tensor; returns
+    the exporter used (``torchscript`` or ``dynamo``)."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"unknown exporter {exporter!r}; choose one of {EXPORTERS}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    used = "dynamo" if exporter == "dynamo" else "torchscript"
+    try:
+        if used == "torchscript":
+            _export_torchscript(module, example, path, inputs, outputs, opset)
+    except Exception as exc:  # noqa: BLE001 - tracing fails with many exception types
+        if exporter != "auto":
+            raise ExportError(f"TorchScript ONNX export of {type(module).__name__} failed: {exc}") from exc
+        log.warning("TorchScript export failed (%s: %s); using the dynamo exporter", type(exc).__name__, exc)
+        used = "dynamo"
+    if used == "dynamo":
+        try:
+            _export_dynamo(module, example, path, inputs, outputs, opset)
+        except Exception as exc:  # noqa: BLE001
+            raise ExportError(f"ONNX export of {type(module).__name__} failed with the dynamo exporter: {exc}") from exc
     _optimize(path)
     _set_output_shapes(path, example.numpy())
+    return used
 
 
 def _set_output_shapes(path: Path, example) -> None:
@@ -126,24 +165,26 @@ def check_graph(path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...]) -
 
 
 def export_cbm(model: SalfCBM, mean, std, input_size: tuple[int, int], path: Path,
-               opset: int = OPSET) -> Path:
-    """Write ``salf_cbm``'s graph (uint8 image in, maps/scores/logits out) to ``path``."""
+               opset: int = OPSET, exporter: str = "auto") -> str:
+    """Write ``salf_cbm``'s graph (uint8 image in, maps/scores/logits out) to ``path``; returns the
+    exporter used."""
     h, w = (int(v) for v in input_size)
     example = torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8)
-    _export(UInt8SalfCBM(model, mean, std), example, path, CBM_INPUTS, CBM_OUTPUTS, opset)
+    used = _export(UInt8SalfCBM(model, mean, std), example, path, CBM_INPUTS, CBM_OUTPUTS, opset, exporter)
     check_graph(path, CBM_INPUTS, CBM_OUTPUTS)
-    log.info("exported salf_cbm (opset %d) to %s", opset, path)
-    return path
+    log.info("exported salf_cbm (opset %d, %s exporter) to %s", opset, used, path)
+    return used
 
 
 def export_head(head: SalfHead, num_concepts: int, grid: tuple[int, int], path: Path,
-                opset: int = OPSET) -> Path:
-    """Write ``salf_head``'s graph (concept maps in, scores/logits out) to ``path``."""
+                opset: int = OPSET, exporter: str = "auto") -> str:
+    """Write ``salf_head``'s graph (concept maps in, scores/logits out) to ``path``; returns the
+    exporter used."""
     example = torch.randn(2, int(num_concepts), int(grid[0]), int(grid[1]))
-    _export(head, example, path, HEAD_INPUTS, HEAD_OUTPUTS, opset)
+    used = _export(head, example, path, HEAD_INPUTS, HEAD_OUTPUTS, opset, exporter)
     check_graph(path, HEAD_INPUTS, HEAD_OUTPUTS)
-    log.info("exported salf_head (opset %d) to %s", opset, path)
-    return path
+    log.info("exported salf_head (opset %d, %s exporter) to %s", opset, used, path)
+    return used
 
 
 def graph_summary(path: Path) -> dict:

@@ -124,6 +124,7 @@ def _metadata(meta: BundleMeta, bundle_doc: dict, flavour: str, models: dict, he
         "max_batch_size": int(options.max_batch_size),
         "opset": OPSET,
         "models": {name: {"onnx": f"{name}/{VERSION}/{ONNX_FILE}", "sha256": info["sha256"],
+                          "exporter": info["exporter"],
                           "inputs": info["inputs"], "outputs": info["outputs"]} for name, info in models.items()},
         "head": {"file": HEAD_FILE, "sha256": head_sha},
         "bundle": {"weights_sha256": bundle_doc["weights"]["sha256"], "metrics": meta.metrics},
@@ -182,13 +183,14 @@ def _real_images(paths, input_size) -> np.ndarray | None:
 
 def export_repository(bundle_dir: str | Path, out_dir: str | Path, flavour: str = "onnxruntime",
                       parity: bool = True, parity_images=None, options: TritonOptions | None = None,
-                      tolerance=None) -> ExportReport:
+                      tolerance=None, exporter: str = "auto") -> ExportReport:
     """Export a bundle to a Triton model repository; returns an :class:`ExportReport`.
 
     ``flavour``: ``"onnxruntime"`` (native backend) or ``"python"`` (model.py + onnxruntime).
     ``parity``: compare torch and onnxruntime (batch sizes 1 and 7, random images and ``parity_images``,
     a folder or a list of image files) and raise :class:`ExportError` if a figure is over ``tolerance``
     (:class:`export.parity.Tolerance`, default atol = rtol = 1e-4); nothing in ``out_dir`` changes then.
+    ``exporter``: ``auto`` (TorchScript, dynamo when tracing fails), ``torchscript`` or ``dynamo``.
     """
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown flavour {flavour!r}; choose one of {FLAVOURS}")
@@ -203,8 +205,10 @@ def export_repository(bundle_dir: str | Path, out_dir: str | Path, flavour: str 
     staging = out / f".export-staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        cbm_path = export_cbm(model, spec.mean, spec.std, spec.input_size, staging / CBM_MODEL / VERSION / ONNX_FILE)
-        head_path = export_head(model.head, len(meta.concepts), meta.grid, staging / HEAD_MODEL / VERSION / ONNX_FILE)
+        cbm_path = staging / CBM_MODEL / VERSION / ONNX_FILE
+        head_path = staging / HEAD_MODEL / VERSION / ONNX_FILE
+        exporters = {CBM_MODEL: export_cbm(model, spec.mean, spec.std, spec.input_size, cbm_path, exporter=exporter),
+                     HEAD_MODEL: export_head(model.head, len(meta.concepts), meta.grid, head_path, exporter=exporter)}
         figures = None
         if parity:
             from .parity import check_parity
@@ -217,6 +221,7 @@ def export_repository(bundle_dir: str | Path, out_dir: str | Path, flavour: str 
                                       (HEAD_MODEL, head_path, HEAD_INPUTS, HEAD_OUTPUTS)):
             specs_in, specs_out = graph_io(path)
             models[name] = {"onnx": str(out / name / VERSION / ONNX_FILE), "sha256": sha256_file(path),
+                            "exporter": exporters[name],
                             "config": str(out / name / "config.pbtxt"), "graph": graph_summary(path),
                             "inputs": {t.name: {"dtype": t.dtype, "dims": [-1, *t.dims]} for t in specs_in},
                             "outputs": {t.name: {"dtype": t.dtype, "dims": [-1, *t.dims]} for t in specs_out}}

@@ -105,6 +105,7 @@ def test_metadata_and_head_file_describe_the_bundle(softmax_export):
     assert doc["parity"] == report.parity
     for name in ("salf_cbm", "salf_head"):
         assert doc["models"][name]["sha256"] == sha256_file(repo / doc["models"][name]["onnx"])
+        assert doc["models"][name]["exporter"] == "torchscript"
     assert doc["models"]["salf_cbm"]["outputs"]["concept_maps"] == {"dtype": "float32", "dims": [-1, 5, 5, 6]}
     assert json.loads((repo / "concepts.json").read_text()) == meta.concepts
     assert json.loads((repo / "classes.json").read_text()) == meta.classes
@@ -120,10 +121,11 @@ def test_metadata_and_head_file_describe_the_bundle(softmax_export):
 def test_parity_detects_a_graph_that_does_not_match_the_model(random_bundle, tmp_path):
     model, meta = load_bundle(random_bundle)
     spec = meta.backbone
-    cbm = export_cbm(model, spec.mean, spec.std, spec.input_size, tmp_path / "cbm.onnx")
+    cbm, head = tmp_path / "cbm.onnx", tmp_path / "head.onnx"
     from export.onnx_graphs import export_head
 
-    head = export_head(model.head, len(meta.concepts), meta.grid, tmp_path / "head.onnx")
+    assert export_cbm(model, spec.mean, spec.std, spec.input_size, cbm) == "torchscript"
+    assert export_head(model.head, len(meta.concepts), meta.grid, head) == "torchscript"
     with torch.no_grad():  # the torch model drifts after export: parity must catch it
         model.head.linear.bias.add_(0.05)
     with pytest.raises(ExportError, match=r"parity failed.*salf_cbm/logits: max abs diff 0\.05"):
@@ -167,3 +169,28 @@ def test_bad_inputs_are_clear_errors(tmp_path, random_bundle, synth_data):
     bad.write_bytes(b"not a png")
     with pytest.raises(ValueError, match="cannot read parity image .*bad.png"):
         load_images([bad], (64, 64))
+
+
+@pytest.mark.slow
+def test_vit_backbone_falls_back_to_the_dynamo_exporter_and_keeps_parity(tmp_path):
+    """timm ViTs cannot be traced (the token-grid side comes from a traced shape): dynamo exports them."""
+    from training.backbones import BackboneSpec, build_backbone
+    from training.bundle import BundleMeta, save_bundle
+    from training.model import SalfCBM
+
+    torch.manual_seed(0)
+    spec = BackboneSpec(arch="timm:test_vit", input_size=(64, 64))
+    backbone = build_backbone(spec)
+    model = SalfCBM(backbone, backbone.feature_shape()[0], 4, 3, (7, 7), "avg").eval()
+    meta = BundleMeta(backbone=spec, feature_dim=backbone.feature_shape()[0], concepts=list("abcd"),
+                      classes=["x", "y", "z"])
+    bundle = save_bundle(tmp_path / "vit", model, meta)
+    report = export_repository(bundle, tmp_path / "repo", flavour="python")
+    assert report.models["salf_cbm"]["exporter"] == "dynamo"
+    assert report.models["salf_head"]["exporter"] == "torchscript"
+    assert report.models["salf_cbm"]["outputs"]["concept_maps"]["dims"] == [-1, 4, 7, 7]
+    assert "LayerNormalization" in report.models["salf_cbm"]["graph"]["ops"]
+    assert max(report.parity["max_abs_diff"].values()) <= 1e-4
+    session = ort.InferenceSession(str(tmp_path / "repo" / "salf_cbm" / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    assert session.run(["logits"], {"image": np.zeros((5, 64, 64, 3), np.uint8)})[0].shape == (5, 3)
