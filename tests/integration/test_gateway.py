@@ -362,3 +362,26 @@ def test_metrics_endpoint(stub, pb, gateway):
         assert needle in text, needle
     hits = [l for l in text.splitlines() if l.startswith("salf_gateway_cache_hits_total")]
     assert float(hits[0].split()[-1]) >= 1
+
+
+# ------------------------------------------------------------------ concurrency
+
+def test_concurrent_requests_agree_with_serial_ones(stub, pb):
+    """Many clients at once (thread pool of the gateway, shared cache, shared backend client)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [encode(sample_image(seed)) for seed in range(6)]
+    region = pb.Region(box=pb.Box(x0=0, y0=0, x1=40, y1=40))
+
+    def work(data):
+        e = stub.Explain(pb.ExplainRequest(image=data, heatmaps=pb.HEATMAP_FORMAT_NONE), timeout=30)
+        i = stub.Intervene(pb.InterveneRequest(explanation_id=e.explanation_id, edits=[
+            pb.ConceptEdit(concept_index=2, region=region, beta=1.5)]), timeout=30)
+        return e.target.index, list(i.logit_deltas)
+
+    serial = [work(d) for d in images]
+    with ThreadPoolExecutor(8) as pool:
+        concurrent = list(pool.map(work, images * 3))
+    for n, (target, deltas) in enumerate(concurrent):
+        assert target == serial[n % 6][0]
+        np.testing.assert_allclose(deltas, serial[n % 6][1], rtol=1e-5, atol=1e-6)

@@ -136,3 +136,30 @@ def test_oversized_explanation_is_refused_with_the_reason(exported_repo, pb):
             assert ok.concepts[0].heatmap.height == 700
     finally:
         gw.server.stop(grace=0.5)
+
+
+# ------------------------------------------------------------------ cache bound and TTL through the gateway
+
+def test_explanation_ids_are_evicted_and_expire(exported_repo, pb):
+    import time
+
+    from tests.fixtures.gateway import start_gateway
+
+    gw = start_gateway(exported_repo, cache_size=1, cache_ttl_s=1.0, metrics_port=None)
+    region = pb.Region(box=pb.Box(x0=0, y0=0, x1=10, y1=10))
+    try:
+        with grpc.insecure_channel(gw.url) as channel:
+            stub = _stub(channel)
+            explain = lambda: stub.Explain(pb.ExplainRequest(image=PNG, heatmaps=pb.HEATMAP_FORMAT_NONE), timeout=10)
+            by_id = lambda eid: stub.ExplainRegion(pb.ExplainRegionRequest(explanation_id=eid, region=region), timeout=10)
+            first, second = explain().explanation_id, explain().explanation_id
+            assert by_id(second).explanation_id == second
+            with pytest.raises(grpc.RpcError) as info:
+                by_id(first)  # evicted: the cache holds one entry
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            time.sleep(1.2)
+            with pytest.raises(grpc.RpcError) as info:
+                by_id(second)  # expired
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        gw.server.stop(grace=0.5)
