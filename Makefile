@@ -50,7 +50,7 @@ triton-env: $(TRITON_STAMP)
 
 # Serve model_repository/ (written by `salfctl export`) on 8000/8001/8002 until Ctrl-C.
 triton: triton-env
-	$(PY) -m export.triton_server --model-repository model_repository
+	$(TRITON_VENV)/bin/python -m export.triton_server --model-repository model_repository
 
 # ---------------------------------------------------------------- demo
 demo: venv proto

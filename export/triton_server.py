@@ -121,6 +121,9 @@ class TritonServer:
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():
             raise TritonError(f"model repository {self.repository} does not exist")
+        if not any(p.is_file() for p in self.repository.glob("*/config.pbtxt")):
+            raise TritonError(f"model repository {self.repository} holds no models (no */config.pbtxt): "
+                              f"write one with `salfctl export BUNDLE --out {self.repository} --flavour python`")
         self.install = find_install(env)
         self.log_path = Path(log_path) if log_path else self.repository.parent / "tritonserver.log"
         self.host = host
