@@ -160,7 +160,7 @@ def explain(images: List[Path] = typer.Argument(..., exists=True, dir_okay=False
                                                help="Write heatmap overlays (jet over the image) and the ROI outline here."),
             url: Optional[str] = URL, model_repository: Path = REPO, timeout: float = TIMEOUT,
             token: Optional[str] = TOKEN, ca_cert: Optional[Path] = CA_CERT, as_json: bool = JSON) -> None:
-    """Top-k concepts by contribution W[l,m]*c*_m with heatmaps; --roi/--box adds Explain Anything.
+    """Top-k concepts by contribution S = W(class, m) * c*(m) with heatmaps; --roi/--box adds Explain Anything.
 
     With a region, the top concepts by aggregated activation inside it are listed too, and the
     overlays under --out carry the region's outline.
