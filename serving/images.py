@@ -18,7 +18,8 @@ from .errors import InvalidArgument
 # Larger inputs are refused rather than decoded: 64 MP is well above any camera image a client sends
 # for explanation, and bounds the gateway's memory per request.
 MAX_PIXELS = 64_000_000
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
+# Pillow reports multi-picture JPEGs from cameras as "MPO": still JPEG.
+ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ def _open(data: bytes, what: str) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
+            if img.format not in ACCEPTED_FORMATS:
+                raise InvalidArgument(f"{what} is {img.format}; send JPEG, PNG or WebP")
             if img.width * img.height > MAX_PIXELS:
                 raise InvalidArgument(f"{what} is {img.width}x{img.height} pixels; at most {MAX_PIXELS} pixels are accepted")
             img.load()
@@ -48,8 +51,6 @@ def _open(data: bytes, what: str) -> Image.Image:
                               f"not a recognised image format") from exc
     except Exception as exc:  # Pillow raises many types for corrupt data; all mean "cannot decode"
         raise InvalidArgument(f"{what} ({len(data)} bytes) could not be decoded as JPEG, PNG or WebP: {exc}") from exc
-    if img.format not in ACCEPTED_FORMATS:
-        raise InvalidArgument(f"{what} is {img.format}; send JPEG, PNG or WebP")
     return img
 
 

@@ -102,3 +102,11 @@ def test_empty_region_rejected():
     with pytest.raises(InvalidArgument, match="region is empty: it covers no pixel of the 7x5 image"):
         require_nonempty(np.zeros((5, 7), bool))
     assert box_mask((100, 100, 200, 200), (6, 8)).sum() == 0
+
+
+def test_too_many_pixels_refused_before_decoding(monkeypatch, rgb):
+    import serving.images as images
+
+    monkeypatch.setattr(images, "MAX_PIXELS", 1000)
+    with pytest.raises(InvalidArgument, match=r"is 80x50 pixels; at most 1000 pixels are accepted"):
+        decode_image(_encode(rgb, "PNG"), (8, 8))
