@@ -207,10 +207,7 @@ def _barrier(world: int) -> None:
 
 
 class PromptEmbedder:
-    """Encodes images into red-circle prompt embeddings on the encoder's device.
-
-    ``encode(images uint8 [b, 3, H, W]) -> float16 [b, G, D]`` (CPU), L2-normalised.
-    """
+    """Encodes images into L2-normalised red-circle prompt embeddings on the encoder's device."""
 
     def __init__(self, encoder: ClipEncoder, grid: tuple[int, int], radius: int, compile: bool = False) -> None:
         self.encoder, self.grid, self.radius = encoder, grid, radius
@@ -221,18 +218,21 @@ class PromptEmbedder:
             self.forward = torch.compile(encoder.encode_normalized)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+        """uint8 ``[b, 3, H, W]`` -> ``[b, G, D]`` in ``dtype`` (float16: the cache's), on the CPU."""
         b = images.shape[0]
         x = prompts_normalized(images.to(self.encoder.device, non_blocking=True), self.stencil,
                                self.encoder.mean, self.encoder.std)
         emb = self.forward(x)
-        return emb.reshape(b, self.grid[0] * self.grid[1], -1).to(torch.float16).cpu()
+        return emb.reshape(b, self.grid[0] * self.grid[1], -1).to(dtype).cpu()
 
 
 def _shard_bytes(emb: torch.Tensor, start: int, stop: int) -> bytes:
     from safetensors.torch import save
 
-    return save({EMBEDDINGS_KEY: emb.contiguous()}, metadata={"start": str(start), "stop": str(stop)})
+    # One metadata key only: safetensors writes a metadata map in hash order, which varies between
+    # processes, and the shard bytes must not (a resumed run is byte-identical to an uninterrupted one).
+    return save({EMBEDDINGS_KEY: emb.contiguous()}, metadata={"images": f"{start}:{stop}"})
 
 
 def _plan_batches(ranges: list[tuple[int, int]], images_per_batch: int) -> list[list[int]]:

@@ -1,0 +1,152 @@
+"""Similarity stage: resumable, checksummed prompt-embedding shards, multi-rank, and ``ClipSimilarity``."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.clip.similarities import (CacheError, compute_prompt_embeddings, record_file, shard_file)
+from training.clip.source import ClipSimilarity, EmbeddingCache
+from training.data.folder import ImageFolderSplit
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+SALFCTL = [sys.executable, "-c", "from clients.salfctl import main; main()"]
+
+
+def _stage_args(data: Path, out: Path, shard_size: int = 2) -> list[str]:
+    return [*SALFCTL, "train", "similarities", "--data", str(data), "--out", str(out), "--config", "tiny-clip-cpu",
+            "--shard-size", str(shard_size), "--batch-size", "98", "--device", "cpu"]
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file (temporary files included: a clean cache has none)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _names(data: Path) -> tuple[list[Path], list[str]]:
+    ds = ImageFolderSplit(data, "train")
+    return ds.paths, [p.relative_to(ds.root).as_posix() for p in ds.paths]
+
+
+@pytest.fixture(scope="module")
+def reference_cache(clip_small_data, tmp_path_factory) -> Path:
+    """An uninterrupted run of `salfctl train similarities` (16 images, 8 shards of 2)."""
+    out = tmp_path_factory.mktemp("ref") / "sim"
+    res = subprocess.run(_stage_args(clip_small_data, out), capture_output=True, text=True, timeout=170)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def test_killed_run_resumes_to_a_byte_identical_cache(clip_small_data, reference_cache, tmp_path):
+    out = tmp_path / "sim"
+    proc = subprocess.Popen(_stage_args(clip_small_data, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 150
+    try:
+        # SIGKILL as soon as two shards are complete (records are written after their shard).
+        while len(list(out.glob("shard-*.json"))) < 2:
+            assert proc.poll() is None, f"stage ended before it could be killed: {proc.stderr.read().decode()}"
+            assert time.monotonic() < deadline, "no shard completed in time"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    done_before = len(list(out.glob("shard-*.json")))
+    assert 2 <= done_before < 8, "the kill must land mid-run"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] is False
+    with pytest.raises(CacheError, match="incomplete"):
+        EmbeddingCache(out)
+
+    res = subprocess.run([*_stage_args(clip_small_data, out), "-v"], capture_output=True, text=True, timeout=170)
+    assert res.returncode == 0, res.stderr
+    assert f"{done_before} already complete" in res.stderr
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
+    for name in leftovers:  # a temporary file of the killed process may remain; it is not part of the cache
+        (out / name).unlink()
+    assert _tree_digest(out) == _tree_digest(reference_cache)
+
+
+def test_truncated_shard_is_detected_and_recomputed(clip_small_data, reference_cache, tiny_clip, tmp_path):
+    import shutil
+
+    out = tmp_path / "sim"
+    shutil.copytree(reference_cache, out)
+    victim = out / shard_file(3)
+    victim.write_bytes(victim.read_bytes()[:-100])
+    with pytest.raises(CacheError, match="truncated or corrupted"):
+        EmbeddingCache(out).gather([6])
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")}
+    paths, names = _names(clip_small_data)
+    compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 16, shard_size=2, batch_size=98)
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")}
+    assert [n for n in before if before[n] != after[n]] == [shard_file(3)]  # only the bad shard was redone
+    assert _tree_digest(out) == _tree_digest(reference_cache)
+
+
+def test_changed_settings_are_refused_without_overwrite(clip_small_data, reference_cache, tiny_clip, tmp_path):
+    import shutil
+
+    out = tmp_path / "sim"
+    shutil.copytree(reference_cache, out)
+    paths, names = _names(clip_small_data)
+    with pytest.raises(CacheError, match="radius"):
+        compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 12, shard_size=2, batch_size=98)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_write_the_same_cache_as_one_process(clip_small_data, reference_cache, tmp_path):
+    """torchrun-style environment (RANK/WORLD_SIZE/MASTER_*): each rank encodes its own shards."""
+    out = tmp_path / "sim"
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([*_stage_args(clip_small_data, out), "-v"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=170) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err
+    assert "rank 0/2, 4 shards of mine" in outputs[0][1] and "rank 1/2, 4 shards of mine" in outputs[1][1]
+    assert json.loads((out / "manifest.json").read_text())["complete"] is True
+    assert _tree_digest(out) == _tree_digest(reference_cache)
+
+
+def test_clip_similarity_forms_cosines_per_batch(reference_cache, tiny_clip, clip_small_data):
+    from training.clip.bench import naive_prompt_embeddings
+
+    concepts = ["circle", "red", "stripes"]
+    text = tiny_clip.encode_text(concepts)
+    source = ClipSimilarity(EmbeddingCache(reference_cache), concepts, text)
+    p = source.similarities([5, 0, 5])
+    assert p.shape == (3, 3, 7, 7) and p.dtype == torch.float32
+    assert source.grid == (7, 7) and source.concepts == concepts and len(source) == 16
+    paths, _ = _names(clip_small_data)
+    naive = naive_prompt_embeddings([paths[5], paths[0]], tiny_clip, (7, 7), 16)  # [2, 49, D] fp32
+    expected = torch.einsum("bgd,md->bmg", naive, text).reshape(2, 3, 7, 7)
+    torch.testing.assert_close(p[:2], expected, atol=1e-3, rtol=0)  # fp16 cache
+    assert torch.equal(p[0], p[2])
+    # Memory-mapped reading gives the same P as the preloaded cache.
+    mm = ClipSimilarity(EmbeddingCache(reference_cache, preload=False), concepts, text)
+    assert torch.equal(mm.similarities([5, 0, 5]), p)
+    with pytest.raises(IndexError):
+        source.similarities([16])
+    sub = source.subset([2, 0])
+    assert sub.concepts == ["stripes", "circle"]
+    torch.testing.assert_close(sub.similarities([5])[0, 1], p[0, 0], atol=1e-6, rtol=0)
