@@ -149,8 +149,8 @@ def shape_mask(shape: str, size: tuple[int, int], cy: float, cx: float, r: float
     if shape == "cross":
         arm, thick = 0.95 * r, 0.3 * r
         return ((np.abs(u) <= arm) & (np.abs(v) <= thick)) | ((np.abs(v) <= arm) & (np.abs(u) <= thick))
-    if shape == "triangle":
-        return _convex_polygon(yy, xx, _triangle_vertices(cy, cx, r, theta))
+    if shape == "triangle":  # a larger circumradius gives it about the area of the square
+        return _convex_polygon(yy, xx, _triangle_vertices(cy, cx, 1.2 * r, theta))
     if shape == "star":  # hexagram: two overlapping triangles
         return (_convex_polygon(yy, xx, _triangle_vertices(cy, cx, r, theta))
                 | _convex_polygon(yy, xx, _triangle_vertices(cy, cx, r, theta + np.pi / 3)))
@@ -169,12 +169,12 @@ def texture_pattern(kind: str, size: tuple[int, int], scale: float, rng: np.rand
         t = xx * np.cos(theta) + yy * np.sin(theta)
         return np.mod(t, period) < period / 2
     if kind == "dots":
-        period = rng.uniform(6.5, 8.0) * scale
+        period = rng.uniform(7.5, 9.0) * scale
         dy = np.mod(yy, period) - period / 2
         dx = np.mod(xx, period) - period / 2
         return dy * dy + dx * dx <= (0.3 * period) ** 2
     if kind == "checker":
-        cell = rng.uniform(3.5, 4.5) * scale
+        cell = rng.uniform(4.5, 5.5) * scale
         return (np.floor(yy / cell) + np.floor(xx / cell)).astype(np.int64) % 2 == 0
     raise ValueError(f"unknown texture {kind!r}")
 
@@ -357,7 +357,7 @@ def _write_chunk(jobs: list, root: str) -> int:
 def _prepare_root(root: Path, overwrite: bool) -> None:
     if (root / "dataset.json").exists() or any((root / s).exists() for s in (*SPLITS, "masks")):
         if not overwrite:
-            raise FileExistsError(f"{root} already holds a dataset; pass overwrite=True (--overwrite) to replace it")
+            raise FileExistsError(f"{root} already holds a dataset; overwrite it explicitly (--overwrite) to replace it")
         for sub in (*SPLITS, "masks"):
             shutil.rmtree(root / sub, ignore_errors=True)
         for meta in ("dataset.json", "classes.txt", "concepts.txt"):
@@ -369,6 +369,9 @@ def _prepare_root(root: Path, overwrite: bool) -> None:
 
 
 def _validate(seed: int, per_class: dict[str, int], image_size: int) -> None:
+    unknown = sorted(set(per_class) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"unknown split(s) {unknown} in per_class; splits are {list(SPLITS)}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     if image_size < MIN_IMAGE_SIZE:
