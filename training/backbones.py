@@ -231,6 +231,9 @@ def _load_state(path: str) -> dict:
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
+    # checkpoints saved from nn.DataParallel (e.g. the Places365 ResNets) prefix every key
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
     return state
 
 

@@ -19,6 +19,7 @@ Lipschitz constant of the smooth part: the multinomial log-loss Hessian is bound
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -85,6 +86,25 @@ def standardisation(x: torch.Tensor, min_std: float = 1e-6) -> tuple[torch.Tenso
     return x.mean(dim=0), x.std(dim=0, unbiased=False).clamp_min(min_std)
 
 
+# Below this many elements per matmul operand a CPU solve runs on one thread: the per-iteration ops
+# are microseconds long, and OpenMP worker hand-offs (spin-waits on a loaded machine) cost more
+# than they save (measured 16x slower with 2 threads on a busy 2-core machine).
+_SINGLE_THREAD_NUMEL = 4_000_000
+
+
+@contextlib.contextmanager
+def _solver_threads(x: torch.Tensor, device: torch.device):
+    if device.type != "cpu" or x.numel() > _SINGLE_THREAD_NUMEL:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _check(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> None:
     if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
         raise ValueError(f"expected X [N, M] and y [N], got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -129,8 +149,14 @@ def fit_elastic_net(x: torch.Tensor, y: torch.Tensor, num_classes: int, lam: flo
     if lam < 0 or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"need lam >= 0 and 0 <= alpha <= 1, got lam={lam}, alpha={alpha}")
     dev = resolve_device(device)
-    x = x.to(dev, torch.float32)
-    y = y.to(dev, torch.int64)
+    with _solver_threads(x, dev):
+        return _fista(x.to(dev, torch.float32), y.to(dev, torch.int64), num_classes, lam, alpha, init, max_iters,
+                      tol, dev)
+
+
+def _fista(x: torch.Tensor, y: torch.Tensor, num_classes: int, lam: float, alpha: float,
+           init: tuple[torch.Tensor, torch.Tensor] | None, max_iters: int, tol: float,
+           dev: torch.device) -> SolverResult:
     n, m = x.shape
     onehot = F.one_hot(y, num_classes).to(torch.float32)
     if init is None:

@@ -1,0 +1,204 @@
+"""Evaluation of a trained SALF-CBM on a held-out split.
+
+* **Accuracy** of the full model, run end to end on the split's images.
+* **Dense baseline**: the same frozen backbone with a dense linear head on average-pooled backbone
+  features (standardised with the train statistics, the same solver with ``alpha = 0``). Its
+  features come from the same forward pass, so both see identical backbone outputs.
+* **Localisation** (annotated datasets): mean per-concept IoU between each concept map and that
+  concept's ground-truth mask, next to a position-blind baseline (each concept's average map over
+  the training set). Threshold rule, the paper's zero-shot segmentation protocol (section 4.2):
+  upsample the map bilinearly to the image (``align_corners=False``), min-max normalise it per
+  image, and threshold at its mean. A concept's IoU is accumulated over the images where its mask
+  is non-empty (``sum I / sum U``): the question is *where* a concept is, given that it is there;
+  whether it is there at all is what the classifier's accuracy measures.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .features import FeatureCache
+from .head import HeadFit, accuracy
+from .model import SalfCBM, normalize_uint8, pool_maps, resize_to_grid
+
+log = logging.getLogger(__name__)
+
+
+def threshold_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Concept maps ``[B, M, Gh, Gw]`` -> bool ``[B, M, H, W]``: bilinear upsample, per-map min-max
+    normalise, threshold at the map's mean (a constant map selects every pixel)."""
+    up = F.interpolate(maps.float(), size=tuple(size), mode="bilinear", align_corners=False)
+    flat = up.flatten(2)
+    lo, hi = flat.min(dim=2, keepdim=True).values, flat.max(dim=2, keepdim=True).values
+    norm = (flat - lo) / (hi - lo).clamp_min(1e-12)
+    return (norm >= norm.mean(dim=2, keepdim=True)).view_as(up)
+
+
+@dataclass
+class IoUAccumulator:
+    """Per-concept intersection and union summed over the images where the concept is present."""
+    num_concepts: int
+    inter: np.ndarray = field(init=False)
+    union: np.ndarray = field(init=False)
+    images: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.inter = np.zeros(self.num_concepts)
+        self.union = np.zeros(self.num_concepts)
+        self.images = np.zeros(self.num_concepts, dtype=np.int64)
+
+    def add(self, pred: torch.Tensor, gt: torch.Tensor) -> None:
+        """``pred``, ``gt``: bool ``[M, H, W]`` for one image."""
+        present = gt.flatten(1).any(dim=1)
+        inter = (pred & gt).flatten(1).sum(dim=1).double()
+        union = (pred | gt).flatten(1).sum(dim=1).double()
+        keep = present.numpy()
+        self.inter[keep] += inter.numpy()[keep]
+        self.union[keep] += union.numpy()[keep]
+        self.images[keep] += 1
+
+    def per_concept(self) -> np.ndarray:
+        """``[M]`` IoU, NaN for concepts never present."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.images > 0, self.inter / np.maximum(self.union, 1e-12), np.nan)
+
+
+def pooled_cache_features(cache: FeatureCache, indices=None, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average-pooled grid features ``[N, D]`` float32 and labels ``[N]`` for ``indices`` (cache order)."""
+    xs, ys, idx = [], [], []
+    for b in cache.batches(indices, batch_size):
+        xs.append(b.features.mean(dim=(2, 3)))
+        ys.append(b.labels)
+        idx.append(b.indices)
+    order = torch.cat(idx).argsort()
+    return torch.cat(xs)[order], torch.cat(ys)[order]
+
+
+@torch.no_grad()
+def concept_activations(cache: FeatureCache, cbl_weight: torch.Tensor, pooling: str, indices=None,
+                        batch_size: int = 512, device: torch.device | str = "cpu"
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pooled concept activations (before standardisation) from cached features.
+
+    Returns ``c* [N, M]``, labels ``[N]``, the mean concept map over the selected images
+    ``[M, Gh, Gw]`` (the position-blind baseline), and the dataset indices ``[N]`` (ascending).
+    """
+    w = cbl_weight.to(device)
+    xs, ys, idx = [], [], []
+    map_sum, n = None, 0
+    for b in cache.batches(indices, batch_size):
+        maps = F.conv2d(b.features.to(device), w)
+        xs.append(pool_maps(maps, pooling).cpu())
+        ys.append(b.labels)
+        idx.append(b.indices)
+        s = maps.sum(0).cpu()
+        map_sum = s if map_sum is None else map_sum + s
+        n += len(maps)
+    order = torch.cat(idx).argsort()
+    return torch.cat(xs)[order], torch.cat(ys)[order], map_sum / max(n, 1), torch.cat(idx)[order]
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    dense_accuracy: float | None
+    count: int
+    iou: dict[str, float] | None = None  # trained maps, per concept
+    iou_baseline: dict[str, float] | None = None  # position-blind baseline, per concept
+    example: dict | None = None  # outputs of the first image, for the explanation
+
+    @property
+    def iou_mean(self) -> float | None:
+        return _nanmean(self.iou)
+
+    @property
+    def iou_baseline_mean(self) -> float | None:
+        return _nanmean(self.iou_baseline)
+
+    def to_dict(self) -> dict:
+        return {"test_accuracy": self.accuracy, "dense_baseline_test_accuracy": self.dense_accuracy,
+                "test_count": self.count, "iou_mean": self.iou_mean, "iou_baseline_mean": self.iou_baseline_mean,
+                "iou_per_concept": self.iou, "iou_baseline_per_concept": self.iou_baseline}
+
+
+def _nanmean(d: dict | None) -> float | None:
+    if not d:
+        return None
+    vals = [v for v in d.values() if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+@torch.no_grad()
+def evaluate(model: SalfCBM, concepts: list[str], dataset, dense: HeadFit | None = None,
+             dense_stats: tuple[torch.Tensor, torch.Tensor] | None = None, mean_map: torch.Tensor | None = None,
+             batch_size: int = 64, num_workers: int = 0, device: torch.device | str = "cpu",
+             progress: bool = True) -> EvalResult:
+    """Run ``model`` over ``dataset`` (items uint8 ``[H, W, 3]``, label; ``ImageFolderSplit``).
+
+    ``dense`` + ``dense_stats`` (mean, std ``[D]``): the dense baseline head on pooled backbone
+    features. ``mean_map`` ``[M, Gh, Gw]``: the position-blind baseline; IoU is computed when the
+    dataset has masks (matched to ``concepts`` by name).
+    """
+    model = model.to(device).eval()
+    spec = model.backbone.spec
+    with_masks = bool(getattr(dataset, "has_masks", False)) and dataset.concepts is not None
+    mask_rows = None
+    if with_masks:
+        missing = [c for c in concepts if c not in dataset.concepts]
+        if missing:
+            log.warning("no ground-truth masks for concepts %s: IoU skipped", missing)
+            with_masks = False
+        else:
+            mask_rows = [dataset.concepts.index(c) for c in concepts]
+    acc_iou = IoUAccumulator(len(concepts)) if with_masks else None
+    acc_base = IoUAccumulator(len(concepts)) if with_masks and mean_map is not None else None
+    base_pred = None
+    correct = dense_correct = seen = 0
+    example = None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    if progress:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc="evaluate", unit="batch", leave=False)
+    for images, labels in loader:
+        x = normalize_uint8(images, spec.mean, spec.std).to(device)
+        feats = model.backbone(x)
+        maps = model.cbl(feats)
+        scores, logits = model.head(maps)
+        correct += int((logits.argmax(1).cpu() == labels).sum())
+        if dense is not None:
+            pooled = resize_to_grid(feats, model.grid).mean(dim=(2, 3)).cpu()
+            z = (pooled - dense_stats[0]) / dense_stats[1]
+            dense_correct += int(round(accuracy(z, labels, dense.weight, dense.bias) * len(labels)))
+        if example is None:
+            example = {"image": images[0], "label": int(labels[0]), "maps": maps[0].cpu(), "scores": scores[0].cpu(),
+                       "logits": logits[0].cpu(), "index": 0}
+        if with_masks:
+            size = tuple(images.shape[1:3])
+            pred = threshold_maps(maps.cpu(), size)
+            if acc_base is not None and base_pred is None:
+                base_pred = threshold_maps(mean_map[None].float(), size)[0]
+            for j in range(len(images)):
+                gt = torch.from_numpy(dataset.load_masks(seen + j)[mask_rows])
+                acc_iou.add(pred[j], gt)
+                if acc_base is not None:
+                    acc_base.add(base_pred, gt)
+        seen += len(images)
+    result = EvalResult(correct / seen, dense_correct / seen if dense is not None else None, seen, example=example)
+    if acc_iou is not None:
+        result.iou = _named(concepts, acc_iou.per_concept())
+        if acc_base is not None:
+            result.iou_baseline = _named(concepts, acc_base.per_concept())
+    return result
+
+
+def _named(concepts: list[str], values: np.ndarray) -> dict[str, float | None]:
+    return {c: (None if np.isnan(v) else float(v)) for c, v in zip(concepts, values)}
+
+
+__all__ = ["EvalResult", "IoUAccumulator", "concept_activations", "evaluate", "pooled_cache_features",
+           "threshold_maps"]
