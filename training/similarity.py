@@ -51,21 +51,25 @@ class MaskSimilarity:
     """``SimilaritySource`` from annotated masks (``DATA/masks/<split>/<class>/<id>.npz``).
 
     ``grid`` ``(Gh, Gw)`` and ``radius`` (pixels) are at ``input_size`` ``(H, W)`` (default: the
-    dataset's native image size), the resolution the masks are resized to (nearest). Results are
-    cached per image in memory (``N * M * Gh * Gw`` float32: ~6 MB for 1600 images, 19 concepts, 7x7).
+    dataset's native image size), the resolution the masks are resized to (nearest). ``concepts`` picks
+    a subset of the annotated concepts, in the given order (default: all of ``concepts.txt``).
+    Results are cached per image in memory (``N * M * Gh * Gw`` float32: ~6 MB for 1600 images,
+    19 concepts, 7x7).
     """
 
     _CHUNK = 64  # images per matrix product when filling the cache
 
     def __init__(self, root: str | Path, split: str, grid: tuple[int, int] = (7, 7), radius: float = 32,
-                 input_size: tuple[int, int] | None = None) -> None:
+                 input_size: tuple[int, int] | None = None, concepts: Sequence[str] | None = None) -> None:
         self.dataset = ImageFolderSplit(root, split, input_size)
         if not self.dataset.has_masks:
             raise DatasetError(f"dataset {self.dataset.root} has no concept masks: the masks similarity source "
                                f"needs DATA/masks/<split>/...; use the clip source for this dataset")
         if self.dataset.concepts is None:
             raise DatasetError(f"dataset {self.dataset.root} has masks but no concepts.txt naming them")
-        self.concepts: list[str] = self.dataset.concepts
+        self._mask_concepts = self.dataset.concepts
+        self.concepts: list[str] = list(concepts) if concepts is not None else list(self._mask_concepts)
+        self._select = self._concept_rows(self.concepts)
         self.grid: tuple[int, int] = (int(grid[0]), int(grid[1]))
         self.radius = float(radius)
         size = self.dataset.input_size or self.dataset.info.image_size or self.dataset.load_masks(0).shape[-2:]
@@ -81,14 +85,27 @@ class MaskSimilarity:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _concept_rows(self, names: list[str]) -> list[int]:
+        """Mask rows of ``names`` (a subset of the dataset's concepts, in any order)."""
+        if not names:
+            raise ValueError("the concept list is empty")
+        index = {name: k for k, name in enumerate(self._mask_concepts)}
+        missing = [name for name in names if name not in index]
+        if missing:
+            raise DatasetError(f"concept(s) {missing} have no masks in {self.dataset.root}; "
+                               f"annotated concepts: {self._mask_concepts}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"the concept list repeats names: {names}")
+        return [index[name] for name in names]
+
     def _masks(self, i: int) -> np.ndarray:
         masks = self.dataset.load_masks(i)
         if tuple(masks.shape[-2:]) != self.input_size:
             raise DatasetError(f"masks of image {i} are {list(masks.shape[-2:])}, expected {list(self.input_size)}; "
                                f"pass input_size to resize them")
-        if masks.shape[0] != len(self.concepts):
-            raise DatasetError(f"image {i} has {masks.shape[0]} masks for {len(self.concepts)} concepts")
-        return masks
+        if masks.shape[0] != len(self._mask_concepts):
+            raise DatasetError(f"image {i} has {masks.shape[0]} masks for {len(self._mask_concepts)} concepts")
+        return masks[self._select]
 
     def _compute(self, indices: list[int]) -> None:
         masks = torch.from_numpy(np.stack([self._masks(i) for i in indices]))

@@ -97,3 +97,17 @@ def test_errors(tmp_path, synth_data):
         ds[len(ds)]
     with pytest.raises(ValueError, match="input_size"):
         ImageFolderSplit(synth_data, "val", input_size=(0, 5))
+
+
+def test_metadata_from_dataset_json_only(tmp_path):
+    root = _user_dataset(tmp_path / "user")
+    (root / "dataset.json").write_text('{"classes": ["zebra", "apple", "mango"], "concepts": ["stripes", "peel"]}')
+    info = read_dataset_info(root)
+    assert info.classes == ["zebra", "apple", "mango"] and info.concepts == ["stripes", "peel"]
+    assert ImageFolderSplit(root, "train").labels == [0, 0, 1, 1]
+    (root / "concepts.txt").write_text("stripes\n")
+    with pytest.raises(DatasetError, match="concepts disagree"):
+        read_dataset_info(root)
+    (root / "dataset.json").write_text("{not json")
+    with pytest.raises(DatasetError, match="invalid JSON"):
+        read_dataset_info(root)

@@ -106,3 +106,14 @@ def test_errors(tmp_path, synth_data):
         src.similarities([len(src)])
     with pytest.raises(IndexError):
         src.similarities([-1])
+
+
+def test_concept_subset(synth_data):
+    full = MaskSimilarity(synth_data, "val", grid=(7, 7), radius=16, input_size=(112, 112))
+    sub = MaskSimilarity(synth_data, "val", grid=(7, 7), radius=16, input_size=(112, 112),
+                         concepts=["grass", "circle"])
+    assert sub.concepts == ["grass", "circle"]
+    rows = [full.concepts.index("grass"), full.concepts.index("circle")]
+    torch.testing.assert_close(sub.similarities([0, 9]), full.similarities([0, 9])[:, rows])
+    with pytest.raises(DatasetError, match="'dragon'"):
+        MaskSimilarity(synth_data, "val", grid=(7, 7), radius=16, concepts=["circle", "dragon"])

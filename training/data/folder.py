@@ -71,13 +71,20 @@ def read_dataset_info(root: str | Path) -> DatasetInfo:
             raise DatasetError(f"{root / 'dataset.json'}: invalid JSON: {exc}") from exc
     if (root / "classes.txt").is_file():
         classes = _read_lines(root / "classes.txt")
+    elif meta.get("classes"):
+        classes = [str(c) for c in meta["classes"]]
     else:
         classes = _folder_classes(root)
     if not classes:
         raise DatasetError(f"{root}: no classes.txt and no class folders under {'/'.join(SPLITS)}")
     if meta.get("classes") and list(meta["classes"]) != classes:
         raise DatasetError(f"{root}: dataset.json classes disagree with classes.txt")
-    concepts = _read_lines(root / "concepts.txt") if (root / "concepts.txt").is_file() else None
+    if (root / "concepts.txt").is_file():
+        concepts = _read_lines(root / "concepts.txt")
+        if meta.get("concepts") and list(meta["concepts"]) != concepts:
+            raise DatasetError(f"{root}: dataset.json concepts disagree with concepts.txt")
+    else:
+        concepts = list(meta["concepts"]) if meta.get("concepts") else None
     has_masks = bool(meta.get("has_masks", (root / "masks").is_dir()))
     size = meta.get("image_size")
     return DatasetInfo(root=root, classes=classes, concepts=concepts, has_masks=has_masks,
