@@ -129,8 +129,16 @@ def test_cli(tmp_path):
     assert "8 classes, 19 concepts, train/val/test = 8/8/0 images at 40x40, seed 3" in result.output
     with Image.open(next((out / "train").rglob("*.png"))) as im:
         assert im.size == (40, 40)
-    again = CliRunner().invoke(app, args)
-    assert again.exit_code == 2 and "already holds a dataset" in again.output
+    png = next((out / "train").rglob("*.png"))
+    stamp = png.stat().st_mtime_ns
+    same = CliRunner().invoke(app, args)  # same parameters: kept, nothing rewritten (make demo reruns)
+    assert same.exit_code == 0 and same.output.startswith("kept (same parameters)")
+    assert png.stat().st_mtime_ns == stamp
+    other = CliRunner().invoke(app, [a if a != "3" else "4" for a in args])
+    assert other.exit_code == 2 and "different or incomplete dataset" in other.output
+    png.unlink()  # an incomplete dataset is not reused
+    assert CliRunner().invoke(app, args).exit_code == 2
     assert CliRunner().invoke(app, args + ["--overwrite"]).exit_code == 0
+    assert png.is_file()
     bad = CliRunner().invoke(app, ["data", "synth", "--out", str(tmp_path / "o2"), "--size", "huge"])
     assert bad.exit_code != 0 and "unknown size preset" in bad.output

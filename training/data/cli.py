@@ -17,7 +17,8 @@ def synth(
     test_per_class: Optional[int] = typer.Option(None, "--test-per-class", help="Override the preset."),
     image_size: int = typer.Option(112, "--image-size", help="Square image side in pixels."),
     workers: int = typer.Option(1, "--workers", "-j", help="Processes rendering in parallel (same files)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a dataset already in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a dataset already in --out (one with "
+                                                              "the same parameters is otherwise kept as is)."),
 ) -> None:
     """Generate the synthetic shapes dataset: coloured, textured shapes, per-image concept masks."""
     from . import synth as synth_lib
@@ -36,7 +37,8 @@ def synth(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     counts = summary.counts
-    typer.echo(f"wrote {summary.root}: {summary.num_classes} classes, {summary.num_concepts} concepts, "
+    verb = "kept (same parameters)" if summary.extra.get("reused") else "wrote"
+    typer.echo(f"{verb} {summary.root}: {summary.num_classes} classes, {summary.num_concepts} concepts, "
                f"train/val/test = {counts['train']}/{counts['val']}/{counts['test']} images at "
                f"{summary.image_size[0]}x{summary.image_size[1]}, seed {summary.seed}, {summary.seconds:.1f} s")
 

@@ -357,7 +357,8 @@ def _write_chunk(jobs: list, root: str) -> int:
 def _prepare_root(root: Path, overwrite: bool) -> None:
     if (root / "dataset.json").exists() or any((root / s).exists() for s in (*SPLITS, "masks")):
         if not overwrite:
-            raise FileExistsError(f"{root} already holds a dataset; overwrite it explicitly (--overwrite) to replace it")
+            raise FileExistsError(f"{root} already holds a different or incomplete dataset; "
+                                  f"overwrite it explicitly (--overwrite) to replace it")
         for sub in (*SPLITS, "masks"):
             shutil.rmtree(root / sub, ignore_errors=True)
         for meta in ("dataset.json", "classes.txt", "concepts.txt"):
@@ -389,14 +390,20 @@ def generate(root: str | Path, seed: int = 0, per_class: dict[str, int] | None =
 
     ``per_class``: images per class for ``train``/``val``/``test`` (default ``SIZE_PRESETS["default"]``).
     ``workers > 1`` renders in that many processes; the files are identical either way.
-    ``dataset.json`` is written last, so its presence marks a complete dataset.
+    ``dataset.json`` is written last, so its presence marks a complete dataset. If ``root`` already
+    holds a complete dataset with the same parameters, nothing is written (``summary.extra["reused"]``);
+    a different or incomplete one is an error unless ``overwrite``.
     """
     per_class = dict(zip(SPLITS, SIZE_PRESETS["default"])) | dict(per_class or {})
     _validate(seed, per_class, image_size)
     root = Path(root)
     start = time.perf_counter()
-    _prepare_root(root, overwrite)
     size = (image_size, image_size)
+    counts = {split: per_class[split] * len(CLASSES) for split in SPLITS}
+    if not overwrite and _matches(root, _metadata(seed, size, counts)):
+        log.info("synthetic dataset already present with the same parameters: %s", root)
+        return SynthSummary(root, seed, size, counts, len(CLASSES), len(CONCEPTS), 0.0, {"reused": True})
+    _prepare_root(root, overwrite)
     jobs = [(split, c, i, seed, size) for split in SPLITS for c in range(len(CLASSES)) for i in range(per_class[split])]
     if workers > 1:
         chunks = [jobs[k::workers * 4] for k in range(workers * 4)]
@@ -405,17 +412,14 @@ def generate(root: str | Path, seed: int = 0, per_class: dict[str, int] | None =
         assert done == len(jobs)
     else:
         _write_chunk(jobs, str(root))
-    counts = {split: per_class[split] * len(CLASSES) for split in SPLITS}
-    _write_metadata(root, seed, size, counts)
+    _write_metadata(root, _metadata(seed, size, counts))
     seconds = time.perf_counter() - start
     log.info("synthetic dataset: %s images in %.1f s at %s", counts, seconds, root)
-    return SynthSummary(root, seed, size, counts, len(CLASSES), len(CONCEPTS), seconds)
+    return SynthSummary(root, seed, size, counts, len(CLASSES), len(CONCEPTS), seconds, {"reused": False})
 
 
-def _write_metadata(root: Path, seed: int, size: tuple[int, int], counts: dict[str, int]) -> None:
-    (root / "classes.txt").write_text("".join(f"{c}\n" for c in CLASS_NAMES))
-    (root / "concepts.txt").write_text("".join(f"{c}\n" for c in CONCEPTS))
-    meta = {
+def _metadata(seed: int, size: tuple[int, int], counts: dict[str, int]) -> dict:
+    return {
         "name": "salf-synth",
         "seed": seed,
         "image_size": list(size),
@@ -424,4 +428,21 @@ def _write_metadata(root: Path, seed: int, size: tuple[int, int], counts: dict[s
         "splits": counts,
         "has_masks": True,
     }
+
+
+def _matches(root: Path, meta: dict) -> bool:
+    """Does ``root`` hold a complete dataset (``dataset.json`` written, files counted) with ``meta``?"""
+    try:
+        existing = json.loads((root / "dataset.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if existing != meta:
+        return False
+    return all(len(list((root / split).glob("*/*.png"))) == n and len(list((root / "masks" / split).glob("*/*.npz"))) == n
+               for split, n in meta["splits"].items())
+
+
+def _write_metadata(root: Path, meta: dict) -> None:
+    (root / "classes.txt").write_text("".join(f"{c}\n" for c in meta["classes"]))
+    (root / "concepts.txt").write_text("".join(f"{c}\n" for c in meta["concepts"]))
     (root / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
