@@ -1,0 +1,53 @@
+"""`salfctl train all` with CLIP supervision (similarity.source "clip") on the synthetic dataset."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def _quick_preset(tmp_path):
+    """tiny-clip-cpu with fewer epochs/iterations (same model, grid, CLIP stages) to keep CI short."""
+    from training.config import CONFIG_DIR
+
+    cfg = json.loads((CONFIG_DIR / "tiny-clip-cpu.json").read_text())
+    cfg["backbone_train"]["epochs"] = 1
+    cfg["cbl"].update(epochs=4, interpretability_cutoff=-1.0)
+    cfg["head"].update(path_length=3, max_iters=200)
+    path = tmp_path / "tiny-clip-quick.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_train_all_with_clip_source(synth_data, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-c", "from clients.salfctl import main; main()", "train", "all",
+           "--config", str(_quick_preset(tmp_path)), "--data", str(synth_data), "--out", str(run)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    manifest = json.loads((run / "similarities" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["spec"]["num_images"] == 96 and manifest["spec"]["grid"] == [7, 7]
+    assert manifest["spec"]["radius"] == 16 and manifest["spec"]["model"] == "salf-tiny-clip-112"
+    kept = (run / "concepts" / "concepts.txt").read_text().split("\n")[:-1]
+    concept_report = json.loads((run / "concepts" / "report.json").read_text())
+    assert concept_report["kept"] == len(kept) and concept_report["initial"] == 19
+    bundle = json.loads((run / "bundle" / "bundle.json").read_text())
+    assert bundle["concepts"] and set(bundle["concepts"]) <= set(kept)
+    assert "salf-tiny-clip-112" in json.dumps(bundle)
+
+    # The same P the CBL was trained on can be rebuilt from the cache (never stored on disk).
+    from training.clip.pipeline import build_clip_source
+    from training.config import load_config
+
+    cfg = load_config(str(tmp_path / "tiny-clip-quick.json"))
+    source, concepts = build_clip_source(cfg, synth_data, run)  # resumes: everything is already there
+    assert concepts == kept
+    p = source.similarities([0, 95])
+    assert p.shape == (2, len(kept), 7, 7) and torch.isfinite(p).all() and float(p.abs().max()) <= 1.0 + 1e-3
+    assert not any(f.name.startswith("P") for f in (run / "similarities").iterdir())
