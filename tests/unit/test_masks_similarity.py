@@ -71,7 +71,7 @@ def test_matches_pixel_loop_on_synth(synth_data):
 
 
 def test_protocol_order_and_cache(synth_data):
-    src = MaskSimilarity(synth_data, "train", grid=(7, 7), radius=16, input_size=(112, 112))
+    src = MaskSimilarity(synth_data, "val", grid=(7, 7), radius=16, input_size=(112, 112))
     assert isinstance(src, SimilaritySource)
     assert src.concepts == (synth_data / "concepts.txt").read_text().split("\n")[:-1]
     assert src.grid == (7, 7)
