@@ -231,7 +231,6 @@ class _Canvas:
         return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
 
 
-
 def _grass(canvas: _Canvas, rng: np.random.Generator, scale: float) -> int:
     """Paint a grass band along the bottom; return the band's top row."""
     h, w = canvas.size
@@ -270,7 +269,8 @@ def _key_object(canvas: _Canvas, rule: ClassRule, rng: np.random.Generator, scal
         cy = rng.uniform(r + 1, 0.38 * h)
         _string(canvas, (cy + 0.9 * r, cx), rng.uniform(0.2, 0.3) * h, rng.uniform(-0.06, 0.06) * w, scale)
     elif rule.placement == "ball":
-        assert grass_top is not None
+        if grass_top is None:
+            raise ValueError("a ball rests on grass: paint the grass first")
         cy = grass_top - 0.6 * r
     else:
         cy = rng.uniform(r, h - r)
@@ -285,7 +285,9 @@ def _key_object(canvas: _Canvas, rule: ClassRule, rng: np.random.Generator, scal
         fill = np.where(light[..., None], tint, colour).astype(np.float32)
         concepts.append(rule.texture)
     canvas.paint(silhouette, fill, concepts)
-    extent = r if rule.placement != "balloon" else r + 0.3 * h  # keep distractors off the string
+    extent = 1.2 * r if rule.shape == "triangle" else r  # triangles use a 1.2 r circumradius
+    if rule.placement == "balloon":
+        extent = r + 0.3 * h  # keep distractors off the string
     return cy, cx, extent
 
 
