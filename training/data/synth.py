@@ -440,7 +440,8 @@ def _matches(root: Path, meta: dict) -> bool:
         return False
     if existing != meta:
         return False
-    return all(len(list((root / split).glob("*/*.png"))) == n and len(list((root / "masks" / split).glob("*/*.npz"))) == n
+    return all(len(list((root / split).glob("*/*.png"))) == n
+               and len(list((root / "masks" / split).glob("*/*.npz"))) == n
                for split, n in meta["splits"].items())
 
 
