@@ -20,7 +20,8 @@ string/grass) and distractors never carry a class concept.
 
 Determinism: image ``(split, class, index)`` draws from
 ``np.random.default_rng(SeedSequence([seed, split_id, class_id, index]))``, so files are
-byte-identical for a seed whatever the order or number of worker processes. PNGs carry no
+byte-identical for a seed whatever the order or number of worker processes (for given NumPy,
+zlib and Pillow versions: their algorithms define the bytes). PNGs carry no
 timestamps; mask ``.npz`` files are written with a fixed zip date (``numpy.savez`` stamps the
 current time).
 """
