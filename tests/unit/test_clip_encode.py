@@ -75,3 +75,12 @@ def test_text_embeddings_are_unit_vectors_and_tokenizer_is_local(tiny_clip):
     assert emb.shape == (3, tiny_clip.embed_dim) and emb.dtype == torch.float32
     np.testing.assert_allclose(emb.norm(dim=1).numpy(), 1.0, atol=1e-5)
     assert type(tiny_clip.tokenizer).__name__ == "SimpleTokenizer"  # vocab ships with open_clip
+
+
+def test_flop_count_matches_the_published_vit_b16_figure():
+    """The benchmark's TFLOP/s rests on this count: ViT-B/16 at 224 is 35.1 GFLOP per prompt."""
+    from training.clip.bench import flops_per_prompt
+
+    vit_b16 = load_clip("ViT-B-16", None, device="cpu")
+    assert flops_per_prompt(vit_b16) / 1e9 == pytest.approx(35.1, rel=0.005)
+    assert torch.backends.mha.get_fastpath_enabled()  # restored after counting

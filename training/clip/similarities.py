@@ -189,6 +189,9 @@ def distributed_context() -> tuple[int, int, bool]:
     if world > 1:
         import torch.distributed as dist
 
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend=backend)
@@ -218,13 +221,14 @@ class PromptEmbedder:
             self.forward = torch.compile(encoder.encode_normalized)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-        """uint8 ``[b, 3, H, W]`` -> ``[b, G, D]`` in ``dtype`` (float16: the cache's), on the CPU."""
+    def encode(self, images: torch.Tensor, dtype: torch.dtype = torch.float16, to_cpu: bool = True) -> torch.Tensor:
+        """uint8 ``[b, 3, H, W]`` -> ``[b, G, D]`` in ``dtype`` (float16: the cache's), on the CPU unless
+        ``to_cpu`` is False (then on the device: no host sync per batch)."""
         b = images.shape[0]
         x = prompts_normalized(images.to(self.encoder.device, non_blocking=True), self.stencil,
                                self.encoder.mean, self.encoder.std)
-        emb = self.forward(x)
-        return emb.reshape(b, self.grid[0] * self.grid[1], -1).to(dtype).cpu()
+        emb = self.forward(x).reshape(b, self.grid[0] * self.grid[1], -1).to(dtype)
+        return emb.cpu() if to_cpu else emb
 
 
 def _shard_bytes(emb: torch.Tensor, start: int, stop: int) -> bytes:
@@ -325,11 +329,11 @@ def _encode_shards(paths, encoder: ClipEncoder, out: Path, spec: CacheSpec, rang
     shard_iter = iter(todo)
     current, parts, filled = next(shard_iter), [], 0
     for images in image_batches(paths, spec.image_size, batches, workers, encoder.device.type == "cuda"):
-        parts.append(embedder.encode(images))
+        parts.append(embedder.encode(images, to_cpu=False))  # stays on the device until the shard is full
         filled += images.shape[0]
         start, stop = ranges[current]
         if filled == stop - start:
-            _write_shard(out, current, start, stop, torch.cat(parts))
+            _write_shard(out, current, start, stop, torch.cat(parts).cpu())
             parts, filled = [], 0
             current = next(shard_iter, None)
 
