@@ -13,14 +13,19 @@ Python it runs (``make triton-env``); it imports nothing from this repository.
   Only a fault of the whole model raises.
 """
 import json
-import logging
 import os
 
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
-log = logging.getLogger("salf_python_backend")
+
+
+def _log(level: str, message: str) -> None:
+    """Into Triton's own log (pb_utils.Logger, python backend >= 23.04)."""
+    logger = getattr(pb_utils, "Logger", None)
+    if logger is not None:
+        getattr(logger, f"log_{level}")(message)
 
 
 def _numpy_dtype(triton_type: str) -> np.dtype:
@@ -45,7 +50,7 @@ class TritonPythonModel:
         options.intra_op_num_threads = threads
         providers = self._providers(args)
         self.session = ort.InferenceSession(path, options, providers=providers)
-        log.info("%s: loaded %s with %s", self.name, path, self.session.get_providers())
+        _log("info", f"{self.name}: loaded {path} with {self.session.get_providers()}")
 
     @staticmethod
     def _providers(args):
@@ -98,7 +103,7 @@ class TritonPythonModel:
                 self._run_merged(good, responses)
             except Exception as exc:  # noqa: BLE001 - onnxruntime raises several types
                 # The merged run failed: run each request alone so only the faulty one gets the error.
-                log.warning("%s: merged run of %d requests failed (%s); running them one by one", self.name, len(good), exc)
+                _log("warn", f"{self.name}: merged run of {len(good)} requests failed ({exc}); running them one by one")
                 self._run_each(good, responses)
         return responses
 

@@ -77,6 +77,9 @@ def test_server_reports_both_models_ready_with_the_exported_contract(triton_serv
     assert head["inputs"][0]["name"] == "concept_maps" and head["inputs"][0]["shape"] == [-1, 6, 7, 7]
     index = {m["name"]: m["state"] for m in client.get_model_repository_index()}
     assert index == {"salf_cbm": "READY", "salf_head": "READY"}  # top-level files are not models
+    log_text = triton_server.log_path.read_text()
+    for name in ("salf_cbm", "salf_head"):  # model.py built its onnxruntime session once, in initialize
+        assert log_text.count(f"{name}: loaded ") == 1 and "CPUExecutionProvider" in log_text
 
 
 def test_grpc_batch_of_real_images_matches_onnxruntime_and_torch(triton_server, sessions, real_images, random_bundle):
