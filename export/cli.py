@@ -18,7 +18,8 @@ def _quiet_optimizer_logs() -> None:
 
 
 def export(
-    bundle: Path = typer.Argument(..., help="bundle folder (bundle.json + weights.safetensors)"),
+    bundle: Path = typer.Argument(..., help="bundle folder (bundle.json + weights.safetensors), or a training run "
+                                            "folder holding bundle/"),
     out: Path = typer.Option(Path("model_repository"), "--out", "-o", help="Triton model repository to write"),
     flavour: str = typer.Option("onnxruntime", "--flavour", "-f",
                                 help="onnxruntime (native backend, NVIDIA images) | python (model.py + onnxruntime)"),
@@ -52,6 +53,8 @@ def export(
     options = TritonOptions(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
                             instance_kind=instance_kind, instance_count=instance_count, tensorrt=tensorrt,
                             intra_op_threads=threads)
+    if not (bundle / "bundle.json").is_file() and (bundle / "bundle" / "bundle.json").is_file():
+        bundle = bundle / "bundle"  # a training run folder (docs/DESIGN.md, "Training run layout")
     try:
         options.validate()
         report = export_repository(bundle, out, flavour=flavour, parity=parity, parity_images=parity_images,

@@ -49,6 +49,15 @@ def test_bad_options_exit_non_zero_with_a_message(random_bundle, tmp_path, args,
     assert not (tmp_path / "r" / "salf_cbm").exists()
 
 
+def test_a_training_run_folder_is_accepted(random_bundle, tmp_path):
+    import shutil
+
+    shutil.copytree(random_bundle, tmp_path / "run" / "bundle")
+    result = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "r"), "--no-parity"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r" / "salf_cbm" / "1" / "model.onnx").is_file()
+
+
 def test_missing_bundle_is_reported(tmp_path):
     result = runner.invoke(app, ["export", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
     assert result.exit_code == 1 and "not a SALF-CBM bundle" in result.output
