@@ -46,9 +46,9 @@ def _parse_grid(text: str) -> tuple[int, int]:
 
 
 def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("training.clip").setLevel(logging.INFO)
+    # Root stays at WARNING: open_clip logs its own chatter through the root logger.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("training").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def concepts(
@@ -81,6 +81,8 @@ def concepts(
 ) -> None:
     """Build the concept list: a user list or an LLM's, filtered as in the paper (3.1)."""
     _logging(verbose)
+    from training.data.folder import DatasetError
+
     from .concepts import ConceptGenerationError, LLMEndpoint, generate_concepts
     from .encode import ClipWeightsNotFoundError
     from .pipeline import encoder_from_config, read_concept_file, run_concept_stage, settings_from_config, split_images
@@ -127,12 +129,15 @@ def concepts(
     if settings.top5_cutoff is not None:
         if data is None:
             _fail("the top-5 image filter needs --data (training images); or pass --no-image-filter")
-        paths, names = split_images(data)
+        try:
+            paths, names = split_images(data)
+        except DatasetError as exc:
+            _fail(str(exc))
     try:
         encoder = encoder_from_config(cfg)
         result = run_concept_stage(encoder, initial, class_names, settings, out, paths, names,
                                    cfg.clip.batch_size, cfg.clip.num_workers)
-    except (ClipWeightsNotFoundError, ValueError) as exc:
+    except (ClipWeightsNotFoundError, DatasetError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"{len(result.kept)} of {len(initial)} concepts kept -> {out / 'concepts.txt'} "
                f"(report: {out / 'report.json'})")

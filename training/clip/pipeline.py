@@ -54,11 +54,11 @@ def split_images(data_root: str | Path, split: str = TRAIN_SPLIT) -> tuple[list[
 def read_concept_file(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"concept list {path} does not exist")
+        raise FileNotFoundError(f"list file {path} does not exist")
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     concepts = [line for line in lines if line and not line.startswith("#")]
     if not concepts:
-        raise ValueError(f"concept list {path} is empty")
+        raise ValueError(f"list file {path} is empty")
     return concepts
 
 

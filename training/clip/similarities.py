@@ -264,6 +264,9 @@ def _check_or_write_plan(out_dir: Path, spec: CacheSpec, rank: int, overwrite: b
             for p in list(out_dir.glob("shard-*")):
                 p.unlink()
     if rank == 0:
+        # Temporary files of a killed run are never part of the cache; no rank writes before this returns.
+        for stale in out_dir.glob(".*.tmp-*"):
+            stale.unlink()
         atomic_write(manifest, _json_bytes({"format_version": FORMAT_VERSION, "spec": spec.to_dict(),
                                            "complete": False, "shards": []}))
 
