@@ -100,6 +100,9 @@ def test_changed_settings_are_refused_without_overwrite(clip_small_data, referen
     paths, names = _names(clip_small_data)
     with pytest.raises(CacheError, match="radius"):
         compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 12, shard_size=2, batch_size=98)
+    # Other shard/batch sizes only: the cache keeps its own and is reused untouched.
+    compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 16, shard_size=5, batch_size=49)
+    assert _tree_digest(out) == _tree_digest(reference_cache)
 
 
 def _free_port() -> int:

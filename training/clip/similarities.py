@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -271,6 +271,25 @@ def _check_or_write_plan(out_dir: Path, spec: CacheSpec, rank: int, overwrite: b
                                            "complete": False, "shards": []}))
 
 
+BATCHING_KEYS = ("shard_size", "batch_size")  # how the work is cut, not what is computed
+
+
+def _adopt_batching(out_dir: Path, spec: CacheSpec, overwrite: bool) -> CacheSpec:
+    """An existing cache of the same images/model/geometry keeps its shard and batch sizes, so a run with
+    other sizes resumes or reuses it (and stays byte-identical) instead of refusing it."""
+    if overwrite or not (out_dir / MANIFEST).is_file():
+        return spec
+    try:
+        old = CacheSpec.from_dict(json.loads((out_dir / MANIFEST).read_text())["spec"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return spec  # _check_or_write_plan reports the unreadable manifest
+    adopted = replace(spec, **{k: getattr(old, k) for k in BATCHING_KEYS})
+    if adopted == old and adopted != spec:
+        log.info("similarities: keeping the cache's shard_size=%d and batch_size=%d", old.shard_size, old.batch_size)
+        return adopted
+    return spec
+
+
 def build_spec(encoder: ClipEncoder, names: Sequence[str], grid: tuple[int, int], radius: int,
                shard_size: int, batch_size: int) -> CacheSpec:
     dim = encoder.embed_dim
@@ -298,7 +317,7 @@ def compute_prompt_embeddings(paths: Sequence[str | Path], names: Sequence[str],
     out.mkdir(parents=True, exist_ok=True)
     rank, world, created = distributed_context()
     try:
-        spec = build_spec(encoder, names, grid, radius, shard_size, batch_size)
+        spec = _adopt_batching(out, build_spec(encoder, names, grid, radius, shard_size, batch_size), overwrite)
         if rank == 0:
             _check_or_write_plan(out, spec, rank, overwrite)
         _barrier(world)
