@@ -67,17 +67,24 @@ def prompts_uint8(images: torch.Tensor, stencil: torch.Tensor) -> torch.Tensor:
     return torch.where(stencil[None, :, None], red, images[:, None])
 
 
-def prompts_normalized(images: torch.Tensor, stencil: torch.Tensor, mean, std) -> torch.Tensor:
+def normalization_constants(mean, std, device: torch.device | str = "cpu"):
+    """``(mean, std, normalised red)`` as float32 ``[3, 1, 1]`` tensors on ``device`` (made once per run, so
+    the per-batch path does no host-to-device copies)."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    red = (torch.tensor(RED, dtype=torch.float32).view(3, 1, 1) / 255.0 - mean_t) / std_t
+    return mean_t.to(device), std_t.to(device), red.to(device)
+
+
+def prompts_normalized(images: torch.Tensor, stencil: torch.Tensor, mean=None, std=None,
+                       constants: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """uint8 images ``[B, 3, H, W]`` -> normalised float32 prompts ``[B*G, 3, H, W]``.
 
     Equal, bit for bit, to normalising ``prompts_uint8`` with ``(x / 255 - mean) / std``; it normalises the
-    B images once instead of the B*G prompts.
+    B images once instead of the B*G prompts. Pass ``mean``/``std`` or ``normalization_constants(...)``.
     """
-    dev = images.device
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=dev).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=dev).view(3, 1, 1)
+    mean_t, std_t, red = constants if constants is not None else normalization_constants(mean, std, images.device)
     norm = (images.to(torch.float32) / 255.0 - mean_t) / std_t
-    red = (torch.tensor(RED, dtype=torch.float32, device=dev).view(3, 1, 1) / 255.0 - mean_t) / std_t
     out = torch.where(stencil[None, :, None], red[None, None], norm[:, None])
     b, g = out.shape[:2]
     return out.reshape(b * g, *out.shape[2:])

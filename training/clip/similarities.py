@@ -32,7 +32,7 @@ import torch
 from training.grid import grid_points
 
 from .encode import ClipEncoder
-from .prompts import prompts_normalized, ring_stencil
+from .prompts import normalization_constants, prompts_normalized, ring_stencil
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,7 @@ class PromptEmbedder:
     def __init__(self, encoder: ClipEncoder, grid: tuple[int, int], radius: int, compile: bool = False) -> None:
         self.encoder, self.grid, self.radius = encoder, grid, radius
         self.stencil = ring_stencil(encoder.image_size, grid, radius, device=encoder.device)
+        self.constants = normalization_constants(encoder.mean, encoder.std, encoder.device)
         self.forward = encoder.encode_normalized
         if compile:
             # Compiled once per shape; shards end with a smaller batch, which costs one more compile.
@@ -226,7 +227,7 @@ class PromptEmbedder:
         ``to_cpu`` is False (then on the device: no host sync per batch)."""
         b = images.shape[0]
         x = prompts_normalized(images.to(self.encoder.device, non_blocking=True), self.stencil,
-                               self.encoder.mean, self.encoder.std)
+                               constants=self.constants)
         emb = self.forward(x).reshape(b, self.grid[0] * self.grid[1], -1).to(dtype)
         return emb.cpu() if to_cpu else emb
 
