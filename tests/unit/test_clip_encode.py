@@ -14,14 +14,15 @@ pytestmark = pytest.mark.timeout(120)
 GRID, RADIUS = (7, 7), 16
 
 
-def _fast(paths, encoder, batch_images: int) -> torch.Tensor:
-    embedder = PromptEmbedder(encoder, GRID, RADIUS)
+def _fast(paths, encoder, batch_images: int, path: str) -> torch.Tensor:
+    embedder = PromptEmbedder(encoder, GRID, RADIUS, path=path)
     batches = [list(range(s, min(s + batch_images, len(paths)))) for s in range(0, len(paths), batch_images)]
     return torch.cat([embedder.encode(x, dtype=torch.float32) for x in
                       image_batches(paths, encoder.image_size, batches, 0, False)])
 
 
-def test_prompt_embeddings_match_naive_pil_loop(tiny_clip, tmp_path):
+@pytest.mark.parametrize("path", ["full", "patch-reuse"])
+def test_prompt_embeddings_match_naive_pil_loop(tiny_clip, tmp_path, path):
     """On-device circles + batches of 3 images (147 prompts) vs per-image Pillow copies in fp32 batches of 49.
 
     Tolerance: the same fp32 arithmetic in different batch shapes (oneDNN may block differently):
@@ -29,11 +30,11 @@ def test_prompt_embeddings_match_naive_pil_loop(tiny_clip, tmp_path):
     """
     paths = write_bench_images(tmp_path, 4, tiny_clip.image_size, seed=3)
     naive = naive_prompt_embeddings(paths, tiny_clip, GRID, RADIUS)
-    fast = _fast(paths, tiny_clip, batch_images=3)
+    fast = _fast(paths, tiny_clip, batch_images=3, path=path)
     assert naive.shape == fast.shape == (4, 49, tiny_clip.embed_dim)
     torch.testing.assert_close(fast, naive, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fast.norm(dim=-1), torch.ones(4, 49), atol=1e-5, rtol=0)
-    cached = PromptEmbedder(tiny_clip, GRID, RADIUS).encode(
+    cached = PromptEmbedder(tiny_clip, GRID, RADIUS, path=path).encode(
         next(iter(image_batches(paths, tiny_clip.image_size, [[0, 1, 2, 3]], 0, False))))
     assert cached.dtype == torch.float16
     torch.testing.assert_close(cached.float(), naive, atol=2.5e-4, rtol=0)
@@ -84,3 +85,23 @@ def test_flop_count_matches_the_published_vit_b16_figure():
     vit_b16 = load_clip("ViT-B-16", None, device="cpu")
     assert flops_per_prompt(vit_b16) / 1e9 == pytest.approx(35.1, rel=0.005)
     assert torch.backends.mha.get_fastpath_enabled()  # restored after counting
+
+
+def test_patch_reuse_redoes_only_the_ring_patches(tiny_clip):
+    """The reuse tables: a patch is re-embedded for a prompt exactly when its ring has a pixel in it."""
+    from training.clip.patch_reuse import PatchReuse, supports_patch_reuse
+    from training.clip.prompts import ring_stencil
+
+    assert supports_patch_reuse(tiny_clip.model.visual)
+    stencil = ring_stencil((112, 112), GRID, RADIUS)
+    reuse = PatchReuse(tiny_clip.model.visual, stencil)
+    assert (reuse.gh, reuse.gw, reuse.ph) == (7, 7, 16)
+    for g, i, j in reuse.pairs.tolist():
+        assert stencil[g, i * 16:(i + 1) * 16, j * 16:(j + 1) * 16].any()
+    touched = {(g, i, j) for g, i, j in reuse.pairs.tolist()}
+    for g in range(49):
+        for i in range(7):
+            for j in range(7):
+                assert ((g, i, j) in touched) == bool(stencil[g, i * 16:(i + 1) * 16, j * 16:(j + 1) * 16].any())
+    # Far fewer patches than the 49 x 49 a full pass embeds.
+    assert len(touched) < 0.25 * 49 * 49

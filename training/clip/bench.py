@@ -3,7 +3,8 @@
 Naive (paper appendix A.1, as usually written): per image, 49 Pillow copies with a red circle each,
 converted and normalised on the host, encoded as one fp32 batch of 49. Ours: one decode per image,
 rings drawn on the device from a cached stencil, large batches, bf16 autocast (and optionally
-``torch.compile``) on a GPU, fp32 on a CPU. Both read the same files and produce embeddings of the
+``torch.compile``) on a GPU, fp32 on a CPU; for ViT towers run eagerly, only the patches a ring
+touches are re-embedded (``patch_reuse.py``). Both read the same files and produce embeddings of the
 same prompts; the benchmark also reports their largest difference.
 
 FLOPs are counted on the model actually used (``torch.utils.flop_counter``, 2 FLOPs per multiply-add,
@@ -148,6 +149,7 @@ def run_bench(clip: str, pretrained: str | None, images: int, grid: tuple[int, i
         "device": str(encoder.device) if encoder.device.type == "cpu" else torch.cuda.get_device_name(),
         "threads": torch.get_num_threads(), "model": clip, "image_size": list(encoder.image_size),
         "grid": list(grid), "radius": radius, "precision": encoder.precision, "compile": compile,
+        "prompt_path": embedder.path,
         "batch_size_prompts": batch_size, "images": len(paths), "naive_images": n_naive,
         "fast_images_per_s": fast_rate, "naive_images_per_s": naive_rate, "ratio": fast_rate / naive_rate,
         "gflop_per_prompt": flops / 1e9,

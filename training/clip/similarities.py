@@ -32,6 +32,7 @@ import torch
 from training.grid import grid_points
 
 from .encode import ClipEncoder
+from .patch_reuse import PatchReuse, supports_patch_reuse
 from .prompts import normalization_constants, prompts_normalized, ring_stencil
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class CacheSpec:
     batch_size: int  # prompts per forward pass: part of the spec because it fixes the batching
     dim: int
     precision: str
+    prompt_path: str = "full"  # "full" or "patch-reuse" (PromptEmbedder): fixes the float rounding
     dtype: str = "float16"
 
     def to_dict(self) -> dict:
@@ -209,13 +211,31 @@ def _barrier(world: int) -> None:
             dist.barrier()
 
 
-class PromptEmbedder:
-    """Encodes images into L2-normalised red-circle prompt embeddings on the encoder's device."""
+def prompt_path(encoder: ClipEncoder, compile: bool) -> str:
+    """'patch-reuse' (ViT towers, eager) or 'full' (materialised prompts: other towers, or torch.compile)."""
+    return "patch-reuse" if not compile and supports_patch_reuse(encoder.model.visual) else "full"
 
-    def __init__(self, encoder: ClipEncoder, grid: tuple[int, int], radius: int, compile: bool = False) -> None:
+
+class PromptEmbedder:
+    """Encodes images into L2-normalised red-circle prompt embeddings on the encoder's device.
+
+    ``path`` 'full' draws the B*G prompts (``prompts_normalized``) and runs the image encoder on them;
+    'patch-reuse' (``patch_reuse.py``) re-embeds only the patches the rings touch. Both equal Algorithm 1
+    up to float rounding; the cache records which one made it.
+    """
+
+    def __init__(self, encoder: ClipEncoder, grid: tuple[int, int], radius: int, compile: bool = False,
+                 path: str | None = None) -> None:
         self.encoder, self.grid, self.radius = encoder, grid, radius
         self.stencil = ring_stencil(encoder.image_size, grid, radius, device=encoder.device)
         self.constants = normalization_constants(encoder.mean, encoder.std, encoder.device)
+        self.path = path or prompt_path(encoder, compile)
+        if self.path not in ("full", "patch-reuse"):
+            raise ValueError(f"unknown prompt path {self.path!r}")
+        if self.path == "patch-reuse":
+            if not supports_patch_reuse(encoder.model.visual):
+                raise ValueError(f"{encoder.name}: its image tower has no non-overlapping patch conv to reuse")
+            self.reuse = PatchReuse(encoder.model.visual, self.stencil)
         self.forward = encoder.encode_normalized
         if compile:
             # Compiled once per shape; shards end with a smaller batch, which costs one more compile.
@@ -226,9 +246,16 @@ class PromptEmbedder:
         """uint8 ``[b, 3, H, W]`` -> ``[b, G, D]`` in ``dtype`` (float16: the cache's), on the CPU unless
         ``to_cpu`` is False (then on the device: no host sync per batch)."""
         b = images.shape[0]
-        x = prompts_normalized(images.to(self.encoder.device, non_blocking=True), self.stencil,
-                               constants=self.constants)
-        emb = self.forward(x).reshape(b, self.grid[0] * self.grid[1], -1).to(dtype)
+        images = images.to(self.encoder.device, non_blocking=True)
+        if self.path == "patch-reuse":
+            mean_t, std_t, red = self.constants
+            norm = (images.to(torch.float32) / 255.0 - mean_t) / std_t
+            with self.encoder.autocast():
+                feats = self.reuse.encode_image(self.encoder.model, norm, red)
+            emb = torch.nn.functional.normalize(feats.float(), dim=-1)
+        else:
+            emb = self.forward(prompts_normalized(images, self.stencil, constants=self.constants))
+        emb = emb.reshape(b, self.grid[0] * self.grid[1], -1).to(dtype)
         return emb.cpu() if to_cpu else emb
 
 
@@ -272,7 +299,7 @@ def _check_or_write_plan(out_dir: Path, spec: CacheSpec, rank: int, overwrite: b
                                            "complete": False, "shards": []}))
 
 
-BATCHING_KEYS = ("shard_size", "batch_size")  # how the work is cut, not what is computed
+BATCHING_KEYS = ("shard_size", "batch_size", "prompt_path")  # how the work is done, not what is computed
 
 
 def _adopt_batching(out_dir: Path, spec: CacheSpec, overwrite: bool) -> CacheSpec:
@@ -286,19 +313,20 @@ def _adopt_batching(out_dir: Path, spec: CacheSpec, overwrite: bool) -> CacheSpe
         return spec  # _check_or_write_plan reports the unreadable manifest
     adopted = replace(spec, **{k: getattr(old, k) for k in BATCHING_KEYS})
     if adopted == old and adopted != spec:
-        log.info("similarities: keeping the cache's shard_size=%d and batch_size=%d", old.shard_size, old.batch_size)
+        log.info("similarities: keeping the cache's shard_size=%d, batch_size=%d, prompt path %s",
+                 old.shard_size, old.batch_size, old.prompt_path)
         return adopted
     return spec
 
 
 def build_spec(encoder: ClipEncoder, names: Sequence[str], grid: tuple[int, int], radius: int,
-               shard_size: int, batch_size: int) -> CacheSpec:
+               shard_size: int, batch_size: int, path: str = "full") -> CacheSpec:
     dim = encoder.embed_dim
     return CacheSpec(model=encoder.name, pretrained=encoder.pretrained, weights_sha256=encoder.weights_sha256,
                      init_seed=encoder.init_seed, image_size=tuple(encoder.image_size), mean=tuple(encoder.mean),
                      std=tuple(encoder.std), grid=(int(grid[0]), int(grid[1])), radius=int(radius),
                      num_images=len(names), images_sha256=images_digest(names), shard_size=int(shard_size),
-                     batch_size=int(batch_size), dim=dim, precision=encoder.precision)
+                     batch_size=int(batch_size), dim=dim, precision=encoder.precision, prompt_path=path)
 
 
 def compute_prompt_embeddings(paths: Sequence[str | Path], names: Sequence[str], encoder: ClipEncoder,
@@ -318,7 +346,8 @@ def compute_prompt_embeddings(paths: Sequence[str | Path], names: Sequence[str],
     out.mkdir(parents=True, exist_ok=True)
     rank, world, created = distributed_context()
     try:
-        spec = _adopt_batching(out, build_spec(encoder, names, grid, radius, shard_size, batch_size), overwrite)
+        spec = build_spec(encoder, names, grid, radius, shard_size, batch_size, prompt_path(encoder, compile))
+        spec = _adopt_batching(out, spec, overwrite)
         if rank == 0:
             _check_or_write_plan(out, spec, rank, overwrite)
         _barrier(world)
@@ -345,7 +374,8 @@ def compute_prompt_embeddings(paths: Sequence[str | Path], names: Sequence[str],
 
 def _encode_shards(paths, encoder: ClipEncoder, out: Path, spec: CacheSpec, ranges, todo: list[int],
                    num_workers: int | None, compile: bool) -> None:
-    embedder = PromptEmbedder(encoder, spec.grid, spec.radius, compile=compile)
+    embedder = PromptEmbedder(encoder, spec.grid, spec.radius, compile=compile and spec.prompt_path == "full",
+                              path=spec.prompt_path)
     per_batch = max(1, spec.batch_size // spec.num_prompts)
     batches = _plan_batches([ranges[i] for i in todo], per_batch)
     workers = default_workers(encoder.device) if num_workers is None else num_workers
