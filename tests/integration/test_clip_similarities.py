@@ -103,6 +103,13 @@ def test_changed_settings_are_refused_without_overwrite(clip_small_data, referen
     # Other shard/batch sizes only: the cache keeps its own and is reused untouched.
     compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 16, shard_size=5, batch_size=49)
     assert _tree_digest(out) == _tree_digest(reference_cache)
+    # A damaged manifest is refused with its path; --overwrite rebuilds with the new settings.
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(CacheError, match="unreadable manifest"):
+        compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 16, shard_size=2, batch_size=98)
+    compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 12, shard_size=8, batch_size=98, overwrite=True)
+    cache = EmbeddingCache(out)
+    assert cache.spec.radius == 12 and len(cache.shards) == 2 and not (out / shard_file(2)).exists()
 
 
 def _free_port() -> int:

@@ -275,22 +275,36 @@ def _plan_batches(ranges: list[tuple[int, int]], images_per_batch: int) -> list[
     return batches
 
 
+def _read_spec(manifest: Path) -> CacheSpec:
+    try:
+        old = json.loads(manifest.read_text())
+        if old.get("format_version") != FORMAT_VERSION:
+            raise KeyError(f"format_version {old.get('format_version')} != {FORMAT_VERSION}")
+        return CacheSpec.from_dict(old["spec"])
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise CacheError(f"{manifest}: unreadable manifest ({exc}); remove the folder or pass --overwrite") from exc
+
+
 def _check_or_write_plan(out_dir: Path, spec: CacheSpec, rank: int, overwrite: bool) -> None:
+    """Refuse a cache made with other settings (unless ``overwrite``: then its shards are removed), and
+    (rank 0) write the plan: the manifest with ``complete: false``."""
     manifest = out_dir / MANIFEST
     if manifest.is_file():
         try:
-            old = json.loads(manifest.read_text())
-            old_spec = CacheSpec.from_dict(old["spec"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CacheError(f"{manifest}: unreadable manifest ({exc}); remove the folder or pass --overwrite") \
-                from exc
-        if old_spec != spec and not overwrite:
-            diff = {k: (v, spec.to_dict()[k]) for k, v in old_spec.to_dict().items() if spec.to_dict()[k] != v}
-            raise CacheError(f"{out_dir} holds a cache built with other settings {diff} (old, new); "
-                             f"use another folder or pass --overwrite")
-        if old_spec != spec and rank == 0:
-            for p in list(out_dir.glob("shard-*")):
-                p.unlink()
+            old_spec = _read_spec(manifest)
+        except CacheError:
+            if not overwrite:
+                raise
+            old_spec = None
+        if old_spec != spec:
+            if not overwrite:
+                diff = {k: (v, spec.to_dict()[k]) for k, v in old_spec.to_dict().items() if spec.to_dict()[k] != v}
+                raise CacheError(f"{out_dir} holds a cache built with other settings {diff} (old, new); "
+                                 f"use another folder or pass --overwrite")
+            if rank == 0:
+                log.warning("similarities: --overwrite: removing the shards of %s made with other settings", out_dir)
+                for p in list(out_dir.glob("shard-*")):
+                    p.unlink()
     if rank == 0:
         # Temporary files of a killed run are never part of the cache; no rank writes before this returns.
         for stale in out_dir.glob(".*.tmp-*"):
@@ -309,7 +323,7 @@ def _adopt_batching(out_dir: Path, spec: CacheSpec, overwrite: bool) -> CacheSpe
         return spec
     try:
         old = CacheSpec.from_dict(json.loads((out_dir / MANIFEST).read_text())["spec"])
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
         return spec  # _check_or_write_plan reports the unreadable manifest
     adopted = replace(spec, **{k: getattr(old, k) for k in BATCHING_KEYS})
     if adopted == old and adopted != spec:

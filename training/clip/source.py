@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .similarities import EMBEDDINGS_KEY, MANIFEST, CacheError, CacheSpec
+from .similarities import EMBEDDINGS_KEY, FORMAT_VERSION, MANIFEST, CacheError, CacheSpec, shard_ranges
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +33,21 @@ class EmbeddingCache:
         path = self.dir / MANIFEST
         if not path.is_file():
             raise CacheError(f"no embedding cache at {self.dir} (missing {MANIFEST}); run `salfctl train similarities`")
-        manifest = json.loads(path.read_text())
-        if not manifest.get("complete"):
-            raise CacheError(f"embedding cache {self.dir} is incomplete; rerun `salfctl train similarities` "
-                             f"to resume it")
-        self.spec = CacheSpec.from_dict(manifest["spec"])
-        self.shards = manifest["shards"]
+        try:
+            manifest = json.loads(path.read_text())
+            version = manifest.get("format_version")
+            if version != FORMAT_VERSION:
+                raise CacheError(f"{path}: cache format version {version}, this code reads {FORMAT_VERSION}; "
+                                 f"recompute it with `salfctl train similarities --overwrite`")
+            if not manifest.get("complete"):
+                raise CacheError(f"embedding cache {self.dir} is incomplete; rerun `salfctl train similarities` "
+                                 f"to resume it")
+            self.spec = CacheSpec.from_dict(manifest["spec"])
+            self.shards = manifest["shards"]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CacheError(f"{path}: unreadable manifest ({exc!r})") from exc
+        if [(s["start"], s["stop"]) for s in self.shards] != shard_ranges(self.spec.num_images, self.spec.shard_size):
+            raise CacheError(f"{path}: shards do not cover images 0..{self.spec.num_images} in order")
         self._starts = np.array([s["start"] for s in self.shards], dtype=np.int64)
         total = sum(s["bytes"] for s in self.shards)
         self.preload = total <= PRELOAD_LIMIT_BYTES if preload is None else preload
