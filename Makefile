@@ -62,7 +62,7 @@ bench-similarity: venv
 
 # ---------------------------------------------------------------- demo
 demo: venv proto
-	$(SALFCTL) data synth --out $(DEMO)/data --seed 0
+	test -f $(DEMO)/data/dataset.json || $(SALFCTL) data synth --out $(DEMO)/data --seed 0 --workers 2
 	$(SALFCTL) train all --config tiny-cpu --data $(DEMO)/data --out $(DEMO)
 
 # ---------------------------------------------------------------- tests

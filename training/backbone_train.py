@@ -104,7 +104,7 @@ def train_backbone(spec: BackboneSpec, dataset, num_classes: int, cfg: BackboneT
             correct += int((logits.argmax(1) == labels).sum())
             seen += len(labels)
         if progress:
-            epochs.set_postfix(loss=f"{float(loss):.3f}", acc=f"{correct / max(seen, 1):.3f}")
+            epochs.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / max(seen, 1):.3f}")
     seconds = time.perf_counter() - start
     path = save_backbone(model.backbone, out_dir, {"epochs": cfg.epochs, "lr": cfg.lr, "seed": seed,
                                                     "train_accuracy_last_epoch": correct / max(seen, 1),

@@ -23,7 +23,7 @@ import torch
 
 from .config import CBLCfg
 from .features import FeatureCache
-from .head import resolve_device
+from .head import resolve_device, small_op_threads
 from .losses import cbl_loss
 from .model import ConceptBottleneck
 
@@ -123,6 +123,13 @@ def train_cbl(cache: FeatureCache, source, split: ValSplit, cfg: CBLCfg, seed: i
               device: str | torch.device | None = "auto", progress: bool = True) -> CBLResult:
     """Train the CBL on ``split.train_indices`` of ``cache`` against ``source``; early-stop on ``split.val_indices``."""
     dev = resolve_device(device)
+    d, gh, gw = cache.shape
+    with small_op_threads(cfg.batch_size * d * gh * gw, dev):
+        return _train_cbl(cache, source, split, cfg, seed, dev, progress)
+
+
+def _train_cbl(cache: FeatureCache, source, split: ValSplit, cfg: CBLCfg, seed: int, dev: torch.device,
+               progress: bool) -> CBLResult:
     concepts = list(source.concepts)
     grid = tuple(source.grid)
     if tuple(cache.shape[1:]) != grid:
@@ -151,7 +158,7 @@ def train_cbl(cache: FeatureCache, source, split: ValSplit, cfg: CBLCfg, seed: i
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total, batches = total + float(loss), batches + 1
+            total, batches = total + loss.item(), batches + 1
         val_loss = -float(validation_similarity(cbl, cache, source, split.val_indices, cfg.batch_size, dev)
                           .nanmean())
         history.append({"epoch": epoch, "train_loss": total / max(batches, 1), "val_loss": val_loss})

@@ -42,8 +42,9 @@ def _print_report(report: dict) -> None:
 
     typer.echo(f"bundle: {report['bundle']}")
     if report.get("iou_mean") is not None:
-        typer.echo(f"concept-map IoU on the test split: {report['iou_mean']:.3f} (trained maps) vs "
-                   f"{report['iou_baseline_mean']:.3f} (position-blind baseline)")
+        typer.echo(f"concept-map IoU on the test split (half-max threshold): {report['iou_mean']:.3f} (trained maps) "
+                   f"vs {report['iou_baseline_mean']:.3f} (position-blind baseline); with the paper's mean threshold: "
+                   f"{report['iou_mean_paper_rule']:.3f} vs {report['iou_baseline_mean_paper_rule']:.3f}")
     ex = report["explanation"]
     typer.echo(f"explanation of {ex['image']} (true class {ex['true_class']!r}):")
     typer.echo(report["_explanation_text"])

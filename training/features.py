@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -145,8 +146,12 @@ class FeatureBatch:
 class FeatureCache:
     """Reader of a complete cache folder; streams shards (one in memory at a time)."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, memory_shards: int = 4) -> None:
+        """``memory_shards``: how many recently read shards stay in memory (an LRU), so small caches
+        are read from disk once while memory stays bounded by ``memory_shards`` shards."""
         self.folder = Path(folder)
+        self.memory_shards = int(memory_shards)
+        self._lru: "OrderedDict[str, dict[str, torch.Tensor]]" = OrderedDict()
         doc = _read_manifest(self.folder)
         if doc is None:
             raise FeatureCacheError(f"no complete feature cache at {self.folder} (missing or unreadable {MANIFEST}); "
@@ -168,7 +173,16 @@ class FeatureCache:
     def _load(self, shard: dict) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        return load_file(str(self.folder / shard["file"]))
+        name = shard["file"]
+        if name in self._lru:
+            self._lru.move_to_end(name)
+            return self._lru[name]
+        data = load_file(str(self.folder / name))
+        if self.memory_shards > 0:
+            self._lru[name] = data
+            while len(self._lru) > self.memory_shards:
+                self._lru.popitem(last=False)
+        return data
 
     def labels(self) -> torch.Tensor:
         """All labels ``[N]`` int64 (reads one shard at a time)."""

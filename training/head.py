@@ -86,15 +86,16 @@ def standardisation(x: torch.Tensor, min_std: float = 1e-6) -> tuple[torch.Tenso
     return x.mean(dim=0), x.std(dim=0, unbiased=False).clamp_min(min_std)
 
 
-# Below this many elements per matmul operand a CPU solve runs on one thread: the per-iteration ops
-# are microseconds long, and OpenMP worker hand-offs (spin-waits on a loaded machine) cost more
-# than they save (measured 16x slower with 2 threads on a busy 2-core machine).
-_SINGLE_THREAD_NUMEL = 4_000_000
+# Below this many elements per operand a CPU loop of small ops runs on one thread: each op takes
+# microseconds, and OpenMP worker hand-offs (spin-waits on a loaded machine) cost more than they
+# save (measured: the head solver 16x and the CBL loop 3x slower with 2 threads on a busy 2-core box).
+SINGLE_THREAD_NUMEL = 4_000_000
 
 
 @contextlib.contextmanager
-def _solver_threads(x: torch.Tensor, device: torch.device):
-    if device.type != "cpu" or x.numel() > _SINGLE_THREAD_NUMEL:
+def small_op_threads(numel: int, device: torch.device):
+    """Run the block on one CPU thread when ``numel`` (the largest operand) is small; restore after."""
+    if device.type != "cpu" or numel > SINGLE_THREAD_NUMEL:
         yield
         return
     before = torch.get_num_threads()
@@ -149,7 +150,7 @@ def fit_elastic_net(x: torch.Tensor, y: torch.Tensor, num_classes: int, lam: flo
     if lam < 0 or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"need lam >= 0 and 0 <= alpha <= 1, got lam={lam}, alpha={alpha}")
     dev = resolve_device(device)
-    with _solver_threads(x, dev):
+    with small_op_threads(x.numel(), dev):
         return _fista(x.to(dev, torch.float32), y.to(dev, torch.int64), num_classes, lam, alpha, init, max_iters,
                       tol, dev)
 
