@@ -68,8 +68,9 @@ def export(
         report_json.write_text(json.dumps(doc, indent=2) + "\n")
     typer.echo(f"exported {bundle} -> {out} ({flavour} flavour, opset {report.opset}, {report.seconds:.1f} s)")
     if report.parity:
+        ratios = report.parity["ratio"]
         for key, value in report.parity["max_abs_diff"].items():
-            typer.echo(f"  parity {key:40s} max abs diff {value:.3e}")
+            typer.echo(f"  parity {key:40s} max abs diff {value:.3e}  (worst diff/bound {ratios[key]:.3f})")
 
 
 def triton(

@@ -3,12 +3,20 @@
 For each batch size (1 and 7 by default) and each image set (random uint8 noise, and real images when
 given), ``salf_cbm`` in onnxruntime is compared with :class:`~export.onnx_graphs.UInt8SalfCBM` in
 torch on the same uint8 batch, and ``salf_head`` in onnxruntime with ``SalfHead`` on the torch concept
-maps. The figure per output is the max abs difference; it passes when
+maps. The figure per output is the max abs difference; every element must be within its bound
+(fp32; ATOL = RTOL = 1e-4):
 
-    max|onnx - torch| <= atol + rtol * max|torch|      (fp32; ATOL = RTOL = 1e-4)
+- ``concept_maps``:   ``atol + rtol * max|maps|``: an absolute floor plus a bound relative to the
+  output's own scale (maps of a random tiny model are ~1e-4, of a trained one ~1).
+- ``concept_scores``: ``atol + rtol * max|scores| + (rounding_m + pooled_err_m) / std_m`` per concept.
+  Standardisation ``(pool - mean) / std`` cancels: a trained concept with ``std_m`` 2e-4 and
+  ``|mean_m|`` 0.3 turns one ulp of the pooled value (3e-8) into 1.6e-4 of score, whichever runtime
+  is right. ``rounding_m`` allows ``ULPS`` ulps of ``max(|pool_m|, |mean_m|)``; ``pooled_err_m`` is the
+  measured maps difference of that concept (twice it, covering softmax pooling; zero for
+  ``salf_head``, which gets identical maps).
+- ``logits``:         ``atol + rtol * max|logits| + |W| @ score_bound`` (the head is linear).
 
-i.e. an absolute floor for near-zero outputs plus a bound relative to the output's own scale (logits
-of a trained model reach tens; concept maps of a random tiny model are ~1e-4).
+The figures reported are the max abs differences and the worst ``diff / bound`` ratio (< 1 passes).
 """
 from __future__ import annotations
 
@@ -28,6 +36,8 @@ log = logging.getLogger(__name__)
 
 ATOL = 1e-4
 RTOL = 1e-4
+ULPS = 16  # rounding budget of pooling + standardisation, in fp32 ulps of the pooled value
+EPS32 = float(np.finfo(np.float32).eps)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -84,19 +94,55 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _compare(name: str, got: list[np.ndarray], ref: list[torch.Tensor], names: tuple[str, ...],
-             tol: Tolerance, figures: dict, failures: list[str]) -> None:
-    for out_name, g, r in zip(names, got, ref):
-        r = r.detach().cpu().numpy()
-        if g.shape != r.shape:
-            failures.append(f"{name}/{out_name}: shape {g.shape} != torch {r.shape}")
-            continue
-        diff = float(np.abs(g - r).max(initial=0.0))
-        bound = tol.bound(r)
-        key = f"{name}/{out_name}"
-        figures[key] = max(figures.get(key, 0.0), diff)
-        if not np.isfinite(diff) or diff > bound:
-            failures.append(f"{key}: max abs diff {diff:.3g} > {bound:.3g}")
+def _head_bounds(scores: np.ndarray, logits: np.ndarray, model: SalfCBM, tol: Tolerance,
+                 pooled_err: np.ndarray | float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Bounds ``[M]`` on the scores and ``[L]`` on the logits (module docstring)."""
+    head = model.head
+    std = head.concept_std.detach().cpu().numpy().astype(np.float64)
+    mean = head.concept_mean.detach().cpu().numpy().astype(np.float64)
+    weight = np.abs(head.linear.weight.detach().cpu().numpy().astype(np.float64))
+    pooled = scores.astype(np.float64) * std + mean  # [B, M]
+    rounding = ULPS * EPS32 * np.maximum(np.abs(pooled).max(axis=0), np.abs(mean))
+    score_bound = tol.bound(scores) + (rounding + pooled_err) / std
+    return score_bound, tol.bound(logits) + weight @ score_bound
+
+
+def _compare(key: str, got: np.ndarray, ref: np.ndarray, bound, figures: dict, ratios: dict,
+             failures: list[str]) -> None:
+    """Record the max abs diff and worst diff/bound ratio of one output; ``bound`` broadcasts over it."""
+    if got.shape != ref.shape:
+        failures.append(f"{key}: shape {got.shape} != torch {ref.shape}")
+        return
+    diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+    worst = float(diff.max(initial=0.0))
+    bound = np.broadcast_to(np.asarray(bound, dtype=np.float64), diff.shape)
+    within = bool(np.all(diff <= bound))  # False for NaN/inf too
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = float(np.where(bound > 0, diff / bound, np.inf).max(initial=0.0)) if diff.size else 0.0
+    figures[key] = max(figures.get(key, 0.0), worst)
+    ratios[key] = max(ratios.get(key, 0.0), ratio)
+    if not within:
+        failures.append(f"{key}: max abs diff {worst:.3g} exceeds its bound (worst diff/bound {ratio:.3g})")
+
+
+def _compare_batch(set_name: str, batch: np.ndarray, model: SalfCBM, wrapped: UInt8SalfCBM, cbm, head,
+                   tol: Tolerance, figures: dict, ratios: dict, failures: list[str]) -> None:
+    with torch.no_grad():
+        maps, scores, logits = (t.numpy() for t in wrapped(torch.from_numpy(batch)))
+        h_scores, h_logits = (t.numpy() for t in model.head(torch.from_numpy(maps)))
+    got = dict(zip(CBM_OUTPUTS, cbm.run(list(CBM_OUTPUTS), {"image": batch})))
+    prefix = f"{set_name}/salf_cbm"
+    _compare(f"{prefix}/concept_maps", got["concept_maps"], maps, tol.bound(maps), figures, ratios, failures)
+    if got["concept_maps"].shape == maps.shape:
+        pooled_err = 2.0 * np.abs(got["concept_maps"] - maps).reshape(len(batch), maps.shape[1], -1).max(axis=(0, 2))
+        s_bound, l_bound = _head_bounds(scores, logits, model, tol, pooled_err)
+        _compare(f"{prefix}/concept_scores", got["concept_scores"], scores, s_bound, figures, ratios, failures)
+        _compare(f"{prefix}/logits", got["logits"], logits, l_bound, figures, ratios, failures)
+    got_head = dict(zip(HEAD_OUTPUTS, head.run(list(HEAD_OUTPUTS), {"concept_maps": maps})))
+    s_bound, l_bound = _head_bounds(h_scores, h_logits, model, tol)
+    prefix = f"{set_name}/salf_head"
+    _compare(f"{prefix}/concept_scores", got_head["concept_scores"], h_scores, s_bound, figures, ratios, failures)
+    _compare(f"{prefix}/logits", got_head["logits"], h_logits, l_bound, figures, ratios, failures)
 
 
 def check_parity(model: SalfCBM, mean, std, input_size: tuple[int, int], cbm_path: Path, head_path: Path,
@@ -105,7 +151,8 @@ def check_parity(model: SalfCBM, mean, std, input_size: tuple[int, int], cbm_pat
     """Compare torch and onnxruntime; returns the figures, raises :class:`ExportError` on a failure.
 
     ``real_images``: uint8 ``[N, H, W, 3]`` (see :func:`load_images`). Returns
-    ``{"atol", "rtol", "batch_sizes", "image_sets", "max_abs_diff": {"<set>/<model>/<output>": float}}``.
+    ``{"atol", "rtol", "ulps", "batch_sizes", "image_sets", "max_abs_diff": {"<set>/<model>/<output>": float},
+    "ratio": {same keys: worst diff / bound, < 1}}``.
     """
     tol = tolerance or Tolerance()
     h, w = (int(v) for v in input_size)
@@ -118,18 +165,13 @@ def check_parity(model: SalfCBM, mean, std, input_size: tuple[int, int], cbm_pat
     cbm, head = _session(cbm_path), _session(head_path)
     wrapped = UInt8SalfCBM(model, mean, std).eval()
     figures: dict[str, float] = {}
+    ratios: dict[str, float] = {}
     failures: list[str] = []
     for set_name, images in sets.items():
         for batch in _batches(images, batch_sizes):
-            with torch.no_grad():
-                ref = wrapped(torch.from_numpy(batch))
-                ref_head = model.head(ref[0])
-            got = cbm.run(list(CBM_OUTPUTS), {"image": batch})
-            _compare(f"{set_name}/salf_cbm", got, list(ref), CBM_OUTPUTS, tol, figures, failures)
-            got_head = head.run(list(HEAD_OUTPUTS), {"concept_maps": ref[0].numpy()})
-            _compare(f"{set_name}/salf_head", got_head, list(ref_head), HEAD_OUTPUTS, tol, figures, failures)
-    result = {"atol": tol.atol, "rtol": tol.rtol, "batch_sizes": list(batch_sizes), "image_sets": list(sets),
-              "max_abs_diff": figures}
+            _compare_batch(set_name, batch, model, wrapped, cbm, head, tol, figures, ratios, failures)
+    result = {"atol": tol.atol, "rtol": tol.rtol, "ulps": ULPS, "batch_sizes": list(batch_sizes),
+              "image_sets": list(sets), "max_abs_diff": figures, "ratio": ratios}
     if failures:
         raise ExportError("ONNX parity failed (torch vs onnxruntime, fp32): " + "; ".join(failures))
     log.info("parity passed: %s", ", ".join(f"{k}={v:.2e}" for k, v in figures.items()))

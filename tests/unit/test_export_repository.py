@@ -68,11 +68,13 @@ def test_parity_figures_cover_random_and_real_images_at_batch_1_and_7(softmax_ex
     _, _, report = softmax_export
     parity = report.parity
     assert parity["batch_sizes"] == [1, 7] and parity["image_sets"] == ["random", "real"]
-    figures = parity["max_abs_diff"]
+    figures, ratios = parity["max_abs_diff"], parity["ratio"]
     for image_set in ("random", "real"):
         for key in ("salf_cbm/concept_maps", "salf_cbm/concept_scores", "salf_cbm/logits",
                     "salf_head/concept_scores", "salf_head/logits"):
-            assert 0.0 <= figures[f"{image_set}/{key}"] <= 1e-4, (image_set, key, figures)
+            # a random tiny model is well conditioned: fp32 rounding level, far inside the bounds
+            assert 0.0 <= figures[f"{image_set}/{key}"] <= 1e-5, (image_set, key, figures)
+            assert 0.0 <= ratios[f"{image_set}/{key}"] < 0.1, (image_set, key, ratios)
 
 
 def test_onnx_matches_torch_on_real_images_at_other_batch_sizes(softmax_export, synth_data):
@@ -128,7 +130,7 @@ def test_parity_detects_a_graph_that_does_not_match_the_model(random_bundle, tmp
     assert export_head(model.head, len(meta.concepts), meta.grid, head) == "torchscript"
     with torch.no_grad():  # the torch model drifts after export: parity must catch it
         model.head.linear.bias.add_(0.05)
-    with pytest.raises(ExportError, match=r"parity failed.*salf_cbm/logits: max abs diff 0\.05"):
+    with pytest.raises(ExportError, match=r"parity failed.*salf_cbm/logits: max abs diff 0\.05 exceeds its bound"):
         check_parity(model, spec.mean, spec.std, spec.input_size, cbm, head)
 
 
@@ -190,7 +192,7 @@ def test_vit_backbone_falls_back_to_the_dynamo_exporter_and_keeps_parity(tmp_pat
     assert report.models["salf_head"]["exporter"] == "torchscript"
     assert report.models["salf_cbm"]["outputs"]["concept_maps"]["dims"] == [-1, 4, 7, 7]
     assert "LayerNormalization" in report.models["salf_cbm"]["graph"]["ops"]
-    assert max(report.parity["max_abs_diff"].values()) <= 1e-4
+    assert max(report.parity["max_abs_diff"].values()) <= 1e-4 and max(report.parity["ratio"].values()) < 0.5
     session = ort.InferenceSession(str(tmp_path / "repo" / "salf_cbm" / "1" / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
     assert session.run(["logits"], {"image": np.zeros((5, 64, 64, 3), np.uint8)})[0].shape == (5, 3)
