@@ -26,8 +26,7 @@ import numpy as np
 
 from training.bundle import BundleMeta, load_bundle, read_meta, sha256_file
 
-from .onnx_graphs import (CBM_INPUTS, CBM_OUTPUTS, HEAD_INPUTS, HEAD_OUTPUTS, OPSET, ExportError, export_cbm,
-                          export_head, graph_summary)
+from .onnx_graphs import CBM_INPUTS, OPSET, ExportError, export_cbm, export_head, graph_summary
 from .triton_config import FLAVOURS, TensorSpec, TritonOptions, model_config, write_config
 
 log = logging.getLogger(__name__)
@@ -181,6 +180,25 @@ def _real_images(paths, input_size) -> np.ndarray | None:
     return load_images(paths, input_size)
 
 
+def _model_entry(out: Path, name: str, path: Path, exporter: str) -> dict:
+    """What the report and ``salf_model.json`` say about one exported graph."""
+    specs_in, specs_out = graph_io(path)
+    return {"onnx": str(out / name / VERSION / ONNX_FILE), "sha256": sha256_file(path), "exporter": exporter,
+            "config": str(out / name / "config.pbtxt"), "graph": graph_summary(path),
+            "inputs": {t.name: {"dtype": t.dtype, "dims": [-1, *t.dims]} for t in specs_in},
+            "outputs": {t.name: {"dtype": t.dtype, "dims": [-1, *t.dims]} for t in specs_out}}
+
+
+def _write_side_files(staging: Path, model, meta: BundleMeta, bundle_doc: dict, flavour: str, models: dict,
+                      parity: dict | None, options: TritonOptions) -> None:
+    """``head.safetensors``, ``concepts.json``, ``classes.json`` and ``salf_model.json``."""
+    write_head(staging / HEAD_FILE, model)
+    _write_json(staging / CONCEPTS_FILE, list(meta.concepts))
+    _write_json(staging / CLASSES_FILE, list(meta.classes))
+    doc = _metadata(meta, bundle_doc, flavour, models, sha256_file(staging / HEAD_FILE), parity, options)
+    _write_json(staging / METADATA_FILE, doc)
+
+
 def export_repository(bundle_dir: str | Path, out_dir: str | Path, flavour: str = "onnxruntime",
                       parity: bool = True, parity_images=None, options: TritonOptions | None = None,
                       tolerance=None, exporter: str = "auto") -> ExportReport:
@@ -200,36 +218,26 @@ def export_repository(bundle_dir: str | Path, out_dir: str | Path, flavour: str 
     model, meta = load_bundle(bundle_dir)
     _, bundle_doc = read_meta(bundle_dir)
     spec = meta.backbone
+    real_images = _real_images(parity_images, spec.input_size) if parity else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     staging = out / f".export-staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        cbm_path = staging / CBM_MODEL / VERSION / ONNX_FILE
-        head_path = staging / HEAD_MODEL / VERSION / ONNX_FILE
-        exporters = {CBM_MODEL: export_cbm(model, spec.mean, spec.std, spec.input_size, cbm_path, exporter=exporter),
-                     HEAD_MODEL: export_head(model.head, len(meta.concepts), meta.grid, head_path, exporter=exporter)}
+        paths = {name: staging / name / VERSION / ONNX_FILE for name in MODELS}
+        exporters = {CBM_MODEL: export_cbm(model, spec.mean, spec.std, spec.input_size, paths[CBM_MODEL],
+                                           exporter=exporter),
+                     HEAD_MODEL: export_head(model.head, len(meta.concepts), meta.grid, paths[HEAD_MODEL],
+                                             exporter=exporter)}
         figures = None
         if parity:
             from .parity import check_parity
 
-            figures = check_parity(model, spec.mean, spec.std, spec.input_size, cbm_path, head_path,
-                                   real_images=_real_images(parity_images, spec.input_size), tolerance=tolerance)
+            figures = check_parity(model, spec.mean, spec.std, spec.input_size, paths[CBM_MODEL], paths[HEAD_MODEL],
+                                   real_images=real_images, tolerance=tolerance)
         write_flavour(staging, flavour, opts)
-        models = {}
-        for name, path, ins, outs in ((CBM_MODEL, cbm_path, CBM_INPUTS, CBM_OUTPUTS),
-                                      (HEAD_MODEL, head_path, HEAD_INPUTS, HEAD_OUTPUTS)):
-            specs_in, specs_out = graph_io(path)
-            models[name] = {"onnx": str(out / name / VERSION / ONNX_FILE), "sha256": sha256_file(path),
-                            "exporter": exporters[name],
-                            "config": str(out / name / "config.pbtxt"), "graph": graph_summary(path),
-                            "inputs": {t.name: {"dtype": t.dtype, "dims": [-1, *t.dims]} for t in specs_in},
-                            "outputs": {t.name: {"dtype": t.dtype, "dims": [-1, *t.dims]} for t in specs_out}}
-        write_head(staging / HEAD_FILE, model)
-        _write_json(staging / CONCEPTS_FILE, list(meta.concepts))
-        _write_json(staging / CLASSES_FILE, list(meta.classes))
-        _write_json(staging / METADATA_FILE, _metadata(meta, bundle_doc, flavour, models,
-                                                       sha256_file(staging / HEAD_FILE), figures, opts))
+        models = {name: _model_entry(out, name, paths[name], exporters[name]) for name in MODELS}
+        _write_side_files(staging, model, meta, bundle_doc, flavour, models, figures, opts)
         _install(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
