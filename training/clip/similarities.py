@@ -65,6 +65,7 @@ class CacheSpec:
     dim: int
     precision: str
     prompt_path: str = "full"  # "full" or "patch-reuse" (PromptEmbedder): fixes the float rounding
+    compiled: bool = False  # torch.compile changes the float rounding too
     dtype: str = "float16"
 
     def to_dict(self) -> dict:
@@ -211,9 +212,9 @@ def _barrier(world: int) -> None:
             dist.barrier()
 
 
-def prompt_path(encoder: ClipEncoder, compile: bool) -> str:
-    """'patch-reuse' (ViT towers, eager) or 'full' (materialised prompts: other towers, or torch.compile)."""
-    return "patch-reuse" if not compile and supports_patch_reuse(encoder.model.visual) else "full"
+def prompt_path(encoder: ClipEncoder) -> str:
+    """'patch-reuse' (ViT towers) or 'full' (materialised prompts: other towers)."""
+    return "patch-reuse" if supports_patch_reuse(encoder.model.visual) else "full"
 
 
 class PromptEmbedder:
@@ -229,7 +230,7 @@ class PromptEmbedder:
         self.encoder, self.grid, self.radius = encoder, grid, radius
         self.stencil = ring_stencil(encoder.image_size, grid, radius, device=encoder.device)
         self.constants = normalization_constants(encoder.mean, encoder.std, encoder.device)
-        self.path = path or prompt_path(encoder, compile)
+        self.path = path or prompt_path(encoder)
         if self.path not in ("full", "patch-reuse"):
             raise ValueError(f"unknown prompt path {self.path!r}")
         if self.path == "patch-reuse":
@@ -237,9 +238,14 @@ class PromptEmbedder:
                 raise ValueError(f"{encoder.name}: its image tower has no non-overlapping patch conv to reuse")
             self.reuse = PatchReuse(encoder.model.visual, self.stencil)
         self.forward = encoder.encode_normalized
+        self.transformer = None
         if compile:
-            # Compiled once per shape; shards end with a smaller batch, which costs one more compile.
-            self.forward = torch.compile(encoder.encode_normalized)
+            # Compiled once per shape; shards end with a smaller batch, which costs one more compile. The
+            # shared model is not modified: compiled callables are used by this embedder only.
+            if self.path == "patch-reuse":
+                self.transformer = torch.compile(encoder.model.visual.transformer)
+            else:
+                self.forward = torch.compile(encoder.encode_normalized)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, dtype: torch.dtype = torch.float16, to_cpu: bool = True) -> torch.Tensor:
@@ -251,7 +257,7 @@ class PromptEmbedder:
             mean_t, std_t, red = self.constants
             norm = (images.to(torch.float32) / 255.0 - mean_t) / std_t
             with self.encoder.autocast():
-                feats = self.reuse.encode_image(self.encoder.model, norm, red)
+                feats = self.reuse.encode_image(self.encoder.model, norm, red, self.transformer)
             emb = torch.nn.functional.normalize(feats.float(), dim=-1)
         else:
             emb = self.forward(prompts_normalized(images, self.stencil, constants=self.constants))
@@ -313,7 +319,8 @@ def _check_or_write_plan(out_dir: Path, spec: CacheSpec, rank: int, overwrite: b
                                            "complete": False, "shards": []}))
 
 
-BATCHING_KEYS = ("shard_size", "batch_size", "prompt_path")  # how the work is done, not what is computed
+# How the work is done, not what is computed (the rounding may differ, the quantities do not).
+BATCHING_KEYS = ("shard_size", "batch_size", "prompt_path", "compiled")
 
 
 def _adopt_batching(out_dir: Path, spec: CacheSpec, overwrite: bool) -> CacheSpec:
@@ -334,13 +341,14 @@ def _adopt_batching(out_dir: Path, spec: CacheSpec, overwrite: bool) -> CacheSpe
 
 
 def build_spec(encoder: ClipEncoder, names: Sequence[str], grid: tuple[int, int], radius: int,
-               shard_size: int, batch_size: int, path: str = "full") -> CacheSpec:
+               shard_size: int, batch_size: int, path: str = "full", compiled: bool = False) -> CacheSpec:
     dim = encoder.embed_dim
     return CacheSpec(model=encoder.name, pretrained=encoder.pretrained, weights_sha256=encoder.weights_sha256,
                      init_seed=encoder.init_seed, image_size=tuple(encoder.image_size), mean=tuple(encoder.mean),
                      std=tuple(encoder.std), grid=(int(grid[0]), int(grid[1])), radius=int(radius),
                      num_images=len(names), images_sha256=images_digest(names), shard_size=int(shard_size),
-                     batch_size=int(batch_size), dim=dim, precision=encoder.precision, prompt_path=path)
+                     batch_size=int(batch_size), dim=dim, precision=encoder.precision, prompt_path=path,
+                     compiled=bool(compiled))
 
 
 def compute_prompt_embeddings(paths: Sequence[str | Path], names: Sequence[str], encoder: ClipEncoder,
@@ -360,7 +368,7 @@ def compute_prompt_embeddings(paths: Sequence[str | Path], names: Sequence[str],
     out.mkdir(parents=True, exist_ok=True)
     rank, world, created = distributed_context()
     try:
-        spec = build_spec(encoder, names, grid, radius, shard_size, batch_size, prompt_path(encoder, compile))
+        spec = build_spec(encoder, names, grid, radius, shard_size, batch_size, prompt_path(encoder), compile)
         spec = _adopt_batching(out, spec, overwrite)
         if rank == 0:
             _check_or_write_plan(out, spec, rank, overwrite)
@@ -388,8 +396,7 @@ def compute_prompt_embeddings(paths: Sequence[str | Path], names: Sequence[str],
 
 def _encode_shards(paths, encoder: ClipEncoder, out: Path, spec: CacheSpec, ranges, todo: list[int],
                    num_workers: int | None, compile: bool) -> None:
-    embedder = PromptEmbedder(encoder, spec.grid, spec.radius, compile=compile and spec.prompt_path == "full",
-                              path=spec.prompt_path)
+    embedder = PromptEmbedder(encoder, spec.grid, spec.radius, compile=spec.compiled, path=spec.prompt_path)
     per_batch = max(1, spec.batch_size // spec.num_prompts)
     batches = _plan_batches([ranges[i] for i in todo], per_batch)
     workers = default_workers(encoder.device) if num_workers is None else num_workers
