@@ -200,10 +200,10 @@ def _background(kind: str, size: tuple[int, int], rng: np.random.Generator) -> n
         return (c0 * (1 - t[..., None]) + c1 * t[..., None]).astype(np.float32)
     if kind == "noise":
         block = int(rng.integers(3, 7))
-        coarse = rng.normal(0, 28, size=(h // block + 1, w // block + 1, 1))
+        coarse = 28.0 * rng.standard_normal((h // block + 1, w // block + 1, 1), dtype=np.float32)
         coarse = np.repeat(np.repeat(coarse, block, axis=0), block, axis=1)[:h, :w]
-        base = _muted_colour(rng, 10)
-        return (base + coarse + rng.normal(0, 12, size=(h, w, 1))).astype(np.float32)
+        base = _muted_colour(rng, 10).astype(np.float32)
+        return base + coarse + 12.0 * rng.standard_normal((h, w, 1), dtype=np.float32)
     raise ValueError(f"unknown background {kind!r}")
 
 
@@ -213,22 +213,32 @@ def _object_colour(rng: np.random.Generator) -> tuple[str, np.ndarray]:
 
 
 class _Canvas:
-    """An image and its concept masks, painted layer by layer (later layers occlude earlier ones)."""
+    """An image and its concept masks, painted layer by layer (later layers occlude earlier ones).
+
+    Occlusion is tracked as a map of which layer owns each pixel; the masks are built once at the
+    end (cheaper than clearing every concept plane for every layer).
+    """
 
     def __init__(self, size: tuple[int, int], background: str, rng: np.random.Generator) -> None:
         self.size = size
         self.image = _background(BACKGROUNDS[background], size, rng).copy()
-        self.masks = np.zeros((len(CONCEPTS), *size), dtype=bool)
-        self.masks[CONCEPT_INDEX[background]] = True
+        self.owner = np.zeros(size, dtype=np.int16)
+        self.layers: list[list[int]] = [[CONCEPT_INDEX[background]]]
 
     def paint(self, silhouette: np.ndarray, colour: np.ndarray, concepts: list[str]) -> None:
         self.image[silhouette] = colour if colour.ndim == 1 else colour[silhouette]
-        self.masks[:, silhouette] = False
-        for name in concepts:
-            self.masks[CONCEPT_INDEX[name], silhouette] = True
+        self.owner[silhouette] = len(self.layers)
+        self.layers.append([CONCEPT_INDEX[name] for name in concepts])
+
+    def masks(self) -> np.ndarray:
+        """bool ``[M, H, W]``: pixel (y, x) shows concept m iff its top layer carries m."""
+        table = np.zeros((len(self.layers), len(CONCEPTS)), dtype=bool)
+        for layer, ids in enumerate(self.layers):
+            table[layer, ids] = True
+        return np.ascontiguousarray(table.T[:, self.owner])
 
     def finish(self, rng: np.random.Generator) -> np.ndarray:
-        noisy = self.image + rng.normal(0, 3.0, size=self.image.shape)
+        noisy = self.image + 3.0 * rng.standard_normal(self.image.shape, dtype=np.float32)
         return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
 
 
@@ -323,7 +333,7 @@ def render(class_id: int, size: tuple[int, int], rng: np.random.Generator) -> tu
     # lets the distractor placement know where it is.
     key = _key_object(canvas, rule, rng, scale, grass_top)
     _distractors(canvas, rng, key)
-    return canvas.finish(rng), canvas.masks
+    return canvas.finish(rng), canvas.masks()
 
 
 def image_rng(seed: int, split: str, class_id: int, index: int) -> np.random.Generator:
@@ -347,7 +357,8 @@ def _write_one(job: tuple[str, int, int, int, tuple[int, int]], root: Path) -> N
     image, masks = render(class_id, size, image_rng(seed, split, class_id, index))
     name = f"{index:05d}"
     cls = CLASS_NAMES[class_id]
-    Image.fromarray(image, mode="RGB").save(root / split / cls / f"{name}.png", format="PNG")
+    # zlib level 1: ~2x faster to encode than the default 6, files ~10% larger (noisy backgrounds)
+    Image.fromarray(image).save(root / split / cls / f"{name}.png", format="PNG", compress_level=1)
     save_masks_npz(root / "masks" / split / cls / f"{name}.npz", masks)
 
 
