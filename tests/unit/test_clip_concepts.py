@@ -102,3 +102,11 @@ def test_full_filter_with_the_real_tiny_clip(tiny_clip):
     strict = FilterSettings(class_cutoff=-1.0, top5_cutoff=None)
     with pytest.raises(ValueError, match="filtered out"):
         filter_concepts(concepts, ["dog"], tiny_clip.encode_text, None, strict)
+
+
+def test_near_duplicate_cluster_keeps_one():
+    """Three mutual near-duplicates and one distinct concept: the cluster collapses to a single concept."""
+    table = {"x": [1.0, 0.05, 0.0], "y": [1.0, 0.0, 0.05], "z": [1.0, -0.05, 0.0], "w": [0.0, 1.0, 0.0]}
+    res = filter_concept_similarity(FilterResult(kept=list(table)), _table_encoder(table), 0.9)
+    assert len(res.kept) == 2 and "w" in res.kept
+    assert sorted(d["concept"] for d in res.dropped) == sorted(set("xyz") - set(res.kept))

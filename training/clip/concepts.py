@@ -201,15 +201,16 @@ def filter_concept_similarity(result: FilterResult, text_enc: Callable, cutoff: 
     sims = (emb @ emb.T).to(torch.float64)
     mean_sim = sims.mean(dim=1)
     removed: set[int] = set()
-    n = len(result.kept)
-    for i in range(n):
-        for j in range(i + 1, n):
-            if i in removed or j in removed or float(sims[i, j]) < cutoff:
-                continue
-            victim, other = (i, j) if float(mean_sim[i]) > float(mean_sim[j]) else (j, i)
-            removed.add(victim)
-            _drop(result, result.kept[victim], "similar_to_concept", to=result.kept[other],
-                  similarity=round(float(sims[i, j]), 4), cutoff=cutoff)
+    # Only the candidate pairs (i < j, cos >= cutoff), in the order of the plain double loop: O(M^2) in
+    # torch, not in Python (ImageNet lists have thousands of concepts).
+    pairs = torch.triu(sims >= cutoff, diagonal=1).nonzero().tolist()
+    for i, j in pairs:
+        if i in removed or j in removed:
+            continue
+        victim, other = (i, j) if float(mean_sim[i]) > float(mean_sim[j]) else (j, i)
+        removed.add(victim)
+        _drop(result, result.kept[victim], "similar_to_concept", to=result.kept[other],
+              similarity=round(float(sims[i, j]), 4), cutoff=cutoff)
     result.kept = [c for k, c in enumerate(result.kept) if k not in removed]
     return result
 
