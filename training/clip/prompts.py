@@ -4,9 +4,10 @@ Ring definition. The circle of grid cell ``(h, w)`` is the set of pixels that Pi
 ``ImageDraw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=(255, 0, 0), width=2)`` on the image at
 the CLIP input resolution, where ``(cy, cx)`` is the cell centre from ``training/grid.py``. That is a
 ring of outer diameter ``2r + 1`` pixels, 2 pixels thick (the pixels at distance ``r`` and ``r - 1``
-along the axes), clipped to the image; it is, up to a few boundary pixels (IoU > 0.9, tested), the
-annulus ``r - 1.5 < |p - c| <= r + 0.5`` of pixel centres within half a pixel of the band [r-1, r]. Pillow's rasteriser is the reference the red-circle literature
-draws with, so the naive per-image loop (``draw_circle_pil``) and the batched path agree pixel for pixel.
+along the axes), clipped to the image; up to a few boundary pixels (IoU > 0.9, tested) it is the
+annulus ``r - 1.5 < |p - c| <= r + 0.5``: pixel centres within half a pixel of the band [r - 1, r].
+Pillow's rasteriser is what red-circle prompting code draws with, so the naive per-image loop
+(``draw_circle_pil``) and the batched path agree pixel for pixel (tested on every cell).
 
 Fast path. The ring pixels depend only on ``(H, W)``, the grid and ``r``: they are rasterised once
 into a boolean stencil ``[G, H, W]`` (G = Gh*Gw) on one channel, cached, and moved to the device.
