@@ -200,10 +200,10 @@ def _background(kind: str, size: tuple[int, int], rng: np.random.Generator) -> n
         return (c0 * (1 - t[..., None]) + c1 * t[..., None]).astype(np.float32)
     if kind == "noise":
         block = int(rng.integers(3, 7))
-        coarse = 28.0 * rng.standard_normal((h // block + 1, w // block + 1, 1), dtype=np.float32)
+        coarse = rng.normal(0, 28, size=(h // block + 1, w // block + 1, 1))
         coarse = np.repeat(np.repeat(coarse, block, axis=0), block, axis=1)[:h, :w]
-        base = _muted_colour(rng, 10).astype(np.float32)
-        return base + coarse + 12.0 * rng.standard_normal((h, w, 1), dtype=np.float32)
+        base = _muted_colour(rng, 10)
+        return (base + coarse + rng.normal(0, 12, size=(h, w, 1))).astype(np.float32)
     raise ValueError(f"unknown background {kind!r}")
 
 
@@ -238,7 +238,7 @@ class _Canvas:
         return np.ascontiguousarray(table.T[:, self.owner])
 
     def finish(self, rng: np.random.Generator) -> np.ndarray:
-        noisy = self.image + 3.0 * rng.standard_normal(self.image.shape, dtype=np.float32)
+        noisy = self.image + rng.normal(0, 3.0, size=self.image.shape)
         return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
 
 
