@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -119,19 +118,15 @@ def _free_port() -> int:
 
 
 def test_two_ranks_write_the_same_cache_as_one_process(clip_small_data, reference_cache, tmp_path):
-    """torchrun-style environment (RANK/WORLD_SIZE/MASTER_*): each rank encodes its own shards."""
+    """The real launcher (torchrun, 2 processes, gloo): each rank encodes its own shards; the cache is
+    byte-identical to the single-process one (torchrun also sets OMP_NUM_THREADS=1 per rank)."""
     out = tmp_path / "sim"
-    port = _free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([*_stage_args(clip_small_data, out), "-v"], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = [p.communicate(timeout=170) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err
-    assert "rank 0/2, 4 shards of mine" in outputs[0][1] and "rank 1/2, 4 shards of mine" in outputs[1][1]
+    salfctl = Path(sys.executable).parent / "salfctl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(salfctl), *_stage_args(clip_small_data, out)[3:], "-v"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "rank 0/2, 4 shards of mine" in res.stderr and "rank 1/2, 4 shards of mine" in res.stderr
     assert json.loads((out / "manifest.json").read_text())["complete"] is True
     assert _tree_digest(out) == _tree_digest(reference_cache)
 
