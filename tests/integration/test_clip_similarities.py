@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.clip.similarities import (CacheError, compute_prompt_embeddings, record_file, shard_file)
+from training.clip.similarities import CacheError, compute_prompt_embeddings, shard_file
 from training.clip.source import ClipSimilarity, EmbeddingCache
 from training.data.folder import ImageFolderSplit
 
