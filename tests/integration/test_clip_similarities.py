@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 SALFCTL = [sys.executable, "-c", "from clients.salfctl import main; main()"]
 
 
-def _stage_args(data: Path, out: Path, shard_size: int = 2) -> list[str]:
+def _stage_args(data: Path, out: Path, shard_size: int = 1) -> list[str]:
     return [*SALFCTL, "train", "similarities", "--data", str(data), "--out", str(out), "--config", "tiny-clip-cpu",
             "--shard-size", str(shard_size), "--batch-size", "98", "--device", "cpu"]
 
@@ -39,7 +39,8 @@ def _names(data: Path) -> tuple[list[Path], list[str]]:
 
 @pytest.fixture(scope="module")
 def reference_cache(clip_small_data, tmp_path_factory) -> Path:
-    """An uninterrupted run of `salfctl train similarities` (16 images, 8 shards of 2)."""
+    """An uninterrupted run of `salfctl train similarities` (16 images, 16 one-image shards: many shards so
+    that a kill lands mid-run even on a fast machine)."""
     out = tmp_path_factory.mktemp("ref") / "sim"
     res = subprocess.run(_stage_args(clip_small_data, out), capture_output=True, text=True, timeout=170)
     assert res.returncode == 0, res.stderr
@@ -61,7 +62,7 @@ def test_killed_run_resumes_to_a_byte_identical_cache(clip_small_data, reference
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     done_before = len(list(out.glob("shard-*.json")))
-    assert 2 <= done_before < 8, "the kill must land mid-run"
+    assert 2 <= done_before < 16, "the kill must land mid-run"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] is False
     with pytest.raises(CacheError, match="incomplete"):
@@ -82,10 +83,10 @@ def test_truncated_shard_is_detected_and_recomputed(clip_small_data, reference_c
     victim = out / shard_file(3)
     victim.write_bytes(victim.read_bytes()[:-100])
     with pytest.raises(CacheError, match="truncated or corrupted"):
-        EmbeddingCache(out).gather([6])
+        EmbeddingCache(out).gather([3])
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")}
     paths, names = _names(clip_small_data)
-    compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 16, shard_size=2, batch_size=98)
+    compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 16, shard_size=1, batch_size=98)
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")}
     assert [n for n in before if before[n] != after[n]] == [shard_file(3)]  # only the bad shard was redone
     assert _tree_digest(out) == _tree_digest(reference_cache)
@@ -98,14 +99,14 @@ def test_changed_settings_are_refused_without_overwrite(clip_small_data, referen
     shutil.copytree(reference_cache, out)
     paths, names = _names(clip_small_data)
     with pytest.raises(CacheError, match="radius"):
-        compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 12, shard_size=2, batch_size=98)
+        compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 12, shard_size=1, batch_size=98)
     # Other shard/batch sizes only: the cache keeps its own and is reused untouched.
     compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 16, shard_size=5, batch_size=49)
     assert _tree_digest(out) == _tree_digest(reference_cache)
     # A damaged manifest is refused with its path; --overwrite rebuilds with the new settings.
     (out / "manifest.json").write_text("{not json")
     with pytest.raises(CacheError, match="unreadable manifest"):
-        compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 16, shard_size=2, batch_size=98)
+        compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 16, shard_size=1, batch_size=98)
     compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 12, shard_size=8, batch_size=98, overwrite=True)
     cache = EmbeddingCache(out)
     assert cache.spec.radius == 12 and len(cache.shards) == 2 and not (out / shard_file(2)).exists()
@@ -126,7 +127,7 @@ def test_two_ranks_write_the_same_cache_as_one_process(clip_small_data, referenc
            "--master_port", str(_free_port()), str(salfctl), *_stage_args(clip_small_data, out)[3:], "-v"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "rank 0/2, 4 shards of mine" in res.stderr and "rank 1/2, 4 shards of mine" in res.stderr
+    assert "rank 0/2, 8 shards of mine" in res.stderr and "rank 1/2, 8 shards of mine" in res.stderr
     assert json.loads((out / "manifest.json").read_text())["complete"] is True
     assert _tree_digest(out) == _tree_digest(reference_cache)
 
