@@ -171,9 +171,8 @@ def similarities(
     from training.data.folder import DatasetError
 
     from .encode import ClipWeightsNotFoundError
-    from .pipeline import clip_radius, encoder_from_config
+    from .pipeline import clip_radius, encoder_from_config, split_images
     from .similarities import CacheError, compute_prompt_embeddings
-    from training.data.folder import ImageFolderSplit
 
     cfg = _load_cfg(config)
     _apply_clip_overrides(cfg, clip, clip_pretrained, device, batch_size)
@@ -190,12 +189,10 @@ def similarities(
             cfg.clip.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     grid_hw = _parse_grid(grid) if grid else tuple(cfg.grid)
     try:
-        ds = ImageFolderSplit(data, split)
-        root = Path(ds.root)
-        names = [p.relative_to(root).as_posix() for p in ds.paths]
+        paths, names = split_images(data, split)
         encoder = encoder_from_config(cfg)
         r = radius if radius is not None else clip_radius(cfg, encoder.image_size)
-        manifest = compute_prompt_embeddings(ds.paths, names, encoder, out, grid_hw, r,
+        manifest = compute_prompt_embeddings(paths, names, encoder, out, grid_hw, r,
                                              shard_size=cfg.clip.shard_size, batch_size=cfg.clip.batch_size,
                                              num_workers=cfg.clip.num_workers, compile=compile or cfg.clip.compile,
                                              overwrite=overwrite)
