@@ -30,8 +30,10 @@ TRAIN_SPLIT = "train"
 
 
 def encoder_from_config(cfg: SalfConfig) -> ClipEncoder:
+    """The preset's CLIP; ``clip.device`` "auto" follows the run's ``device`` (so ``--device cpu`` holds)."""
     c = cfg.clip
-    return load_clip(c.model, c.pretrained, device=c.device, precision=c.precision, seed=cfg.seed)
+    device = c.device if c.device != "auto" else getattr(cfg, "device", "auto")
+    return load_clip(c.model, c.pretrained, device=device, precision=c.precision, seed=cfg.seed)
 
 
 def clip_radius(cfg: SalfConfig, clip_size: tuple[int, int]) -> int:
