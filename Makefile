@@ -55,7 +55,7 @@ triton: triton-env
 # ---------------------------------------------------------------- CLIP similarity benchmark (issue 3)
 # images/s of the similarity stage vs a naive Algorithm-1 loop, in one run; prints the ratio and TFLOP/s.
 # CPU default: tiny random CLIP. GPU: make bench-similarity BENCH_ARGS="--clip ViT-B-16 --images 512 --compile"
-BENCH_ARGS ?= --clip salf-tiny-clip-112 --images 32 --repeats 3
+BENCH_ARGS ?= --clip salf-tiny-clip-112 --images 32 --repeats 5
 bench-similarity: venv
 	mkdir -p $(RUNS)
 	$(PY) -m training.clip.bench $(BENCH_ARGS) --json $(RUNS)/bench-similarity.json
