@@ -39,8 +39,7 @@ def test_train_all_cli_writes_run_layout_bundle_and_report(tmp_path, synth_data)
         assert (run / path).is_file(), path
     report = json.loads((run / "report.json").read_text())
     assert REPORT_KEYS <= set(report)
-    chance = 1 / 8
-    assert report["test_accuracy"] > chance + 0.1
+    assert report["test_accuracy"] > 0.2  # chance is 1/8; ~0.44 with this seed
     assert 0 <= report["iou_mean"] <= 1 and 0 <= report["iou_baseline_mean"] <= 1
     assert report["concepts_kept"] == 19 and sum(report["nonzero_per_class"]) == report["nonzero_weights"]
 
@@ -90,6 +89,6 @@ def test_trained_run_fixture_bundle_is_usable(trained_run: Path):
 
     model, meta = load_bundle(trained_run / "bundle")
     report = json.loads((trained_run / "report.json").read_text())
-    assert report["test_accuracy"] > 1 / 8
+    assert report["test_accuracy"] > 0.2  # chance is 1/8
     maps, scores, logits = model(torch.zeros(1, 3, *meta.backbone.input_size))
     assert maps.shape == (1, len(meta.concepts), 7, 7) and logits.shape == (1, len(meta.classes))
