@@ -82,7 +82,14 @@ def make_context(cfg: SalfConfig, data: str | Path | None, out: str | Path, prog
         raise PipelineError("no dataset: pass --data DATA or set \"data\" in the config")
     from .data.folder import read_dataset_info
 
-    read_dataset_info(root)  # fails early with a clear DatasetError
+    info = read_dataset_info(root)  # fails early with a clear DatasetError
+    missing = [s for s in ("train", "test") if not (Path(root) / s).is_dir()]
+    if missing:
+        raise PipelineError(f"dataset {root} has no {' and no '.join(missing)} split folder; training needs "
+                            f"train/ and the evaluation test/ (docs/DESIGN.md dataset layout)")
+    if cfg.similarity.source == "masks" and not info.has_masks:
+        raise PipelineError(f"the masks similarity source needs per-image concept masks, and dataset {root} has none "
+                            f"(no masks/ folder); use a preset with \"similarity\": {{\"source\": \"clip\"}}")
     run = RunPaths(Path(out))
     run.root.mkdir(parents=True, exist_ok=True)
     return Context(cfg, Path(root), run, progress)

@@ -92,3 +92,23 @@ def test_trained_run_fixture_bundle_is_usable(trained_run: Path):
     assert report["test_accuracy"] > 0.2  # chance is 1/8
     maps, scores, logits = model(torch.zeros(1, 3, *meta.backbone.input_size))
     assert maps.shape == (1, len(meta.concepts), 7, 7) and logits.shape == (1, len(meta.classes))
+
+
+def test_dataset_without_masks_or_test_split_fails_before_training(tmp_path, synth_data):
+    import shutil
+
+    from training.config import config_from_dict
+    from training.pipeline import PipelineError, make_context
+    from tests.fixtures.trained import fast_config
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data, ignore=shutil.ignore_patterns("masks", "test"))
+    cfg = config_from_dict(fast_config())
+    with pytest.raises(PipelineError, match="no test split folder"):
+        make_context(cfg, data, tmp_path / "run")
+    (data / "test").mkdir()
+    doc = json.loads((data / "dataset.json").read_text())
+    doc["has_masks"] = False
+    (data / "dataset.json").write_text(json.dumps(doc))
+    with pytest.raises(PipelineError, match="needs per-image concept masks"):
+        make_context(cfg, data, tmp_path / "run")
