@@ -9,6 +9,10 @@ SALFCTL := $(VENV)/bin/salfctl
 TRITON_VENV := .venv-triton
 RUNS ?= runs
 DEMO := $(RUNS)/demo
+DEMO_CONFIG ?= tiny-cpu
+DEMO_SYNTH_ARGS ?=
+DEMO_PORT ?= 50151
+DEMO_REPO ?= model_repository
 
 .PHONY: all venv proto demo test test-unit test-integration triton-env triton clean bench-similarity
 
@@ -62,8 +66,19 @@ bench-similarity: venv
 
 # ---------------------------------------------------------------- demo
 demo: venv proto
-	test -f $(DEMO)/data/dataset.json || $(SALFCTL) data synth --out $(DEMO)/data --seed 0 --workers 2
-	$(SALFCTL) train all --config tiny-cpu --data $(DEMO)/data --out $(DEMO)
+	@echo "== 1/4 synthetic dataset"
+	test -f $(DEMO)/data/dataset.json || $(SALFCTL) data synth --out $(DEMO)/data --seed 0 --workers 2 $(DEMO_SYNTH_ARGS)
+	@echo "== 2/4 train the SALF-CBM (backbone, concept bottleneck, sparse head), evaluate, explain one image"
+	$(SALFCTL) train all --config $(DEMO_CONFIG) --data $(DEMO)/data --out $(DEMO)
+	@echo "== 3/4 export: ONNX graphs + Triton model repository (python-backend flavour, served by 'make triton')"
+	$(SALFCTL) export $(DEMO)/bundle --out $(DEMO_REPO) --flavour python --parity-images $(DEMO)/data/test
+	@echo "== 4/4 serve the gateway and ask it to explain a test image and a region of it (Explain Anything)"
+	img=$$($(SALFCTL) data roi $(DEMO)/data --split test --index 0 --out $(DEMO)/roi.png) && \
+	{ $(SALFCTL) serve --model-repository $(DEMO_REPO) --host 127.0.0.1 --port $(DEMO_PORT) --metrics-port -1 \
+	    --log-level WARNING & pid=$$!; trap "kill $$pid 2>/dev/null" EXIT; \
+	  for i in $$(seq 120); do $(SALFCTL) info -u 127.0.0.1:$(DEMO_PORT) --timeout 2 >/dev/null 2>&1 && break; sleep 0.5; done; \
+	  $(SALFCTL) explain $$img --roi $(DEMO)/roi.png --top-k 3 --out $(DEMO)/explain -u 127.0.0.1:$(DEMO_PORT); }
+	@echo "overlays written to $(DEMO)/explain/"
 
 # ---------------------------------------------------------------- tests
 test: venv proto triton-env

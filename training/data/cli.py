@@ -1,4 +1,4 @@
-"""Commands of this part for `salfctl` (see training/cli.py): `salfctl data synth`."""
+"""Commands of this part for `salfctl` (see training/cli.py): `salfctl data synth` and `salfctl data roi`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,6 +43,44 @@ def synth(
                f"{summary.image_size[0]}x{summary.image_size[1]}, seed {summary.seed}, {summary.seconds:.1f} s")
 
 
+def roi(
+    data: Path = typer.Argument(..., help="Dataset root with masks/ (e.g. made by `salfctl data synth`)."),
+    split: str = typer.Option("test", "--split", help="Split of the image."),
+    index: int = typer.Option(0, "--index", "-i", help="Image index in the split's order (class, file name)."),
+    concept: Optional[list[str]] = typer.Option(None, "--concept", "-c",
+                                                help="Concepts whose masks make the ROI (repeatable); "
+                                                     "default: every object concept (not backgrounds, not grass)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Binary ROI mask PNG to write (the image's own size)."),
+) -> None:
+    """Write an ROI mask for one dataset image from its concept masks; print the image's path.
+
+    The demo uses it to point Explain Anything / local intervention at the object of a synthetic image.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from .folder import DatasetError, ImageFolderSplit
+
+    try:
+        ds = ImageFolderSplit(data, split)
+        masks = ds.load_masks(index)
+        names = ds.concepts or []
+        wanted = concept or [n for n in names if "background" not in n and n != "grass"]
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            raise DatasetError(f"unknown concept(s) {unknown}; the dataset has {names}")
+        region = masks[[names.index(n) for n in wanted]].any(axis=0)
+        if not region.any():
+            raise DatasetError(f"concepts {wanted} are absent from {ds.paths[index]}: the ROI would be empty")
+    except (DatasetError, IndexError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(region.astype(np.uint8) * 255).save(out)
+    typer.echo(str(ds.paths[index]))
+
+
 def register(train_app: typer.Typer, data_app: typer.Typer) -> None:
     """Add this part's commands to the `train` and `data` apps."""
     data_app.command("synth")(synth)
+    data_app.command("roi")(roi)
