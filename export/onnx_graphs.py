@@ -10,9 +10,8 @@ that local intervention re-runs.
 Exporter (``exporter="auto"``): the TorchScript-based ``torch.onnx.export(..., dynamo=False)`` first.
 For these graphs (conv backbone, bilinear resize, 1x1 conv, reduce, gemm) it folds BatchNorm into
 the convolutions and gives a small, clean graph with named inputs/outputs and a symbolic batch axis,
-in about a second for the tiny CNN (the dynamo exporter takes 10-20x longer on CPU). Backbones that
-tracing cannot follow (e.g. timm ViTs, whose token-grid side is computed from a traced shape) fall
-back to the dynamo exporter (``torch.export`` with a symbolic ``batch`` dim), which handles them;
+in about a second for the tiny CNN (the dynamo exporter takes 10-20x longer on CPU); torchvision and
+timm ViTs trace too. A backbone that tracing cannot follow falls back to the dynamo exporter (``torch.export`` with a symbolic ``batch`` dim), which handles them;
 the report names the exporter used. Either graph then goes through ``onnxscript.optimizer``
 (constant folding, Identity/dead-node removal: 53 -> 36 nodes for the tiny CNN); what remains
 besides the model's own ops is the Shape/Slice/Concat that keeps the batch axis dynamic.

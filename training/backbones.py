@@ -8,6 +8,7 @@ the path to put it in.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -135,8 +136,10 @@ def tokens_to_map(tokens: torch.Tensor, num_prefix: int, use_cls: bool) -> torch
     """``[B, P + N, D]`` tokens -> ``[B, D(*2 with CLS), h, w]``; N must be a square grid."""
     b, t, d = tokens.shape
     patches = tokens[:, num_prefix:]
-    n = t - num_prefix
-    side = int(round(n ** 0.5))
+    n = int(t) - num_prefix
+    # math.isqrt on a plain int: the token count is fixed by the input size, and a rounded float of a
+    # traced shape is what stopped the TorchScript ONNX exporter on ViTs.
+    side = math.isqrt(n)
     if side * side != n:
         raise ValueError(f"{n} patch tokens do not form a square grid")
     fmap = patches.transpose(1, 2).reshape(b, d, side, side)

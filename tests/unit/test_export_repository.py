@@ -174,8 +174,9 @@ def test_bad_inputs_are_clear_errors(tmp_path, random_bundle, synth_data):
 
 
 @pytest.mark.slow
-def test_vit_backbone_falls_back_to_the_dynamo_exporter_and_keeps_parity(tmp_path):
-    """timm ViTs cannot be traced (the token-grid side comes from a traced shape): dynamo exports them."""
+@pytest.mark.parametrize("exporter,expected", [("auto", "torchscript"), ("dynamo", "dynamo")])
+def test_vit_backbone_exports_with_either_exporter_and_keeps_parity(tmp_path, exporter, expected):
+    """timm ViTs trace (the token-grid side is a plain int), and the dynamo exporter handles them too."""
     from training.backbones import BackboneSpec, build_backbone
     from training.bundle import BundleMeta, save_bundle
     from training.model import SalfCBM
@@ -187,9 +188,9 @@ def test_vit_backbone_falls_back_to_the_dynamo_exporter_and_keeps_parity(tmp_pat
     meta = BundleMeta(backbone=spec, feature_dim=backbone.feature_shape()[0], concepts=list("abcd"),
                       classes=["x", "y", "z"])
     bundle = save_bundle(tmp_path / "vit", model, meta)
-    report = export_repository(bundle, tmp_path / "repo", flavour="python")
-    assert report.models["salf_cbm"]["exporter"] == "dynamo"
-    assert report.models["salf_head"]["exporter"] == "torchscript"
+    report = export_repository(bundle, tmp_path / "repo", flavour="python", exporter=exporter)
+    assert report.models["salf_cbm"]["exporter"] == expected
+    assert report.models["salf_head"]["exporter"] == expected
     assert report.models["salf_cbm"]["outputs"]["concept_maps"]["dims"] == [-1, 4, 7, 7]
     assert "LayerNormalization" in report.models["salf_cbm"]["graph"]["ops"]
     assert max(report.parity["max_abs_diff"].values()) <= 1e-4 and max(report.parity["ratio"].values()) < 0.5
