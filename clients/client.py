@@ -85,12 +85,15 @@ class SalfClient:
         return client
 
     def check(self) -> None:
-        """Fail fast (STYLE 9): health SERVING, model metadata readable, backend ready."""
+        """Fail fast (STYLE 9): the gateway is live, its model metadata readable, its backend ready.
+
+        Liveness is the server-wide health (service ""); readiness is read from GetModelInfo rather than
+        the service's health status so that the error can name the backend that is down."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         health = health_pb2_grpc.HealthStub(self.channel)
         try:
-            status = health.Check(health_pb2.HealthCheckRequest(service="salf.v1.Gateway"), timeout=self.timeout)
+            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.timeout)
         except grpc.RpcError as exc:
             raise GatewayUnavailable(f"cannot reach the gateway at {self.url}: {exc.code().name}: {exc.details()}") from exc
         if status.status != health_pb2.HealthCheckResponse.SERVING:

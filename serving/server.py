@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
@@ -281,6 +282,7 @@ class ServeConfig:
     max_workers: int = 8
     device: str = "cpu"
     max_message_mb: int = 64
+    readiness_interval_s: float = 5.0
 
 
 class GatewayServer:
@@ -303,6 +305,9 @@ class GatewayServer:
             "grid": f"{spec.grid[0]}x{spec.grid[1]}", "input_size": f"{spec.input_size[0]}x{spec.input_size[1]}",
             "pooling": spec.pooling, "bundle_sha256": spec.bundle_sha256})
         self.health = health.HealthServicer()
+        self._ready: bool | None = None
+        self._stop_watch = threading.Event()
+        self._watcher: threading.Thread | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.Server | None = None
@@ -336,11 +341,32 @@ class GatewayServer:
         self._server, self.port = server, port
         if c.metrics_port is not None:
             self.metrics_port = self.metrics.serve(c.metrics_port, c.host)
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        # "" is liveness (the process answers); the service name is readiness (its backend can infer),
+        # so a load balancer or a Kubernetes gRPC probe routes away while Triton is down.
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._update_readiness()
+        self._stop_watch.clear()
+        self._watcher = threading.Thread(target=self._watch_readiness, name="salf-gw-readiness", daemon=True)
+        self._watcher.start()
         log.info("gateway listening on %s:%d (%s backend %s, tls %s, auth %s)", c.host, port, self.backend.name,
                  self.backend.target, "on" if c.tls_cert else "off", "on" if c.token else "off")
         return self
+
+    def _update_readiness(self) -> None:
+        ready = self.backend.ready(timeout_s=1.0)
+        if ready != self._ready:
+            status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+            self.health.set(SERVICE_NAME, status)
+            (log.info if ready else log.warning)("%s backend %s is %s", self.backend.name, self.backend.target,
+                                                 "ready" if ready else "NOT ready: health reports NOT_SERVING")
+            self._ready = ready
+
+    def _watch_readiness(self) -> None:
+        while not self._stop_watch.wait(self.config.readiness_interval_s):
+            try:
+                self._update_readiness()
+            except Exception:  # a probe must never kill the watcher; the next tick retries
+                log.exception("backend readiness check failed")
 
     def wait(self) -> None:
         if self._server is not None:
@@ -350,6 +376,10 @@ class GatewayServer:
         """Report NOT_SERVING, drain for ``grace`` seconds, close the backend and metrics endpoint."""
         if self._server is None:
             return
+        self._stop_watch.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5.0)
+            self._watcher = None
         self.health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
         self._server = None

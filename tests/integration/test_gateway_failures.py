@@ -2,6 +2,8 @@
 crash), deadlines passed to the backends, bearer-token auth and TLS with a self-signed certificate."""
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -46,6 +48,37 @@ def test_unreachable_triton_is_unavailable_and_the_gateway_survives(gateway_on_d
         info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
         assert info.backend == "triton" and not info.backend_ready
         assert len(stub.GetClassRules(pb.GetClassRulesRequest(), timeout=10).rules) == 3
+
+
+def test_health_is_live_but_not_ready_while_triton_is_down(gateway_on_dead_triton):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(gateway_on_dead_triton.url) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        status = lambda service: health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        assert status("") == health_pb2.HealthCheckResponse.SERVING  # liveness: the process answers
+        assert status("salf.v1.Gateway") == health_pb2.HealthCheckResponse.NOT_SERVING  # readiness
+
+
+def test_readiness_follows_the_backend(exported_repo):
+    """Readiness turns SERVING when the backend becomes ready and NOT_SERVING when it goes away."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.fixtures.gateway import start_gateway
+
+    gw = start_gateway(exported_repo, metrics_port=None, readiness_interval_s=0.1)
+    try:
+        with grpc.insecure_channel(gw.url) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            check = lambda: health.Check(health_pb2.HealthCheckRequest(service="salf.v1.Gateway"), timeout=5).status
+            assert check() == health_pb2.HealthCheckResponse.SERVING
+            gw.server.backend.close()  # the embedded sessions are gone: not ready any more
+            deadline = time.monotonic() + 10
+            while check() != health_pb2.HealthCheckResponse.NOT_SERVING and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert check() == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        gw.server.stop(grace=0.5)
 
 
 # ------------------------------------------------------------------ deadlines
