@@ -134,6 +134,22 @@ def test_parity_detects_a_graph_that_does_not_match_the_model(random_bundle, tmp
         check_parity(model, spec.mean, spec.std, spec.input_size, cbm, head)
 
 
+def test_parity_catches_a_small_relative_error_in_the_concept_maps(random_bundle, tmp_path):
+    """A random tiny model's maps are ~1e-4: an absolute 1e-4 bound let a CBL scaled by 0.8 (and the
+    scores/logits that follow it) pass. The maps bound is relative to the maps' own scale."""
+    model, meta = load_bundle(random_bundle)
+    spec = meta.backbone
+    cbm, head = tmp_path / "cbm.onnx", tmp_path / "head.onnx"
+    from export.onnx_graphs import export_head
+
+    export_cbm(model, spec.mean, spec.std, spec.input_size, cbm)
+    export_head(model.head, len(meta.concepts), meta.grid, head)
+    with torch.no_grad():
+        model.cbl.conv.weight.mul_(0.8)
+    with pytest.raises(ExportError, match=r"salf_cbm/concept_maps: max abs diff .* exceeds its bound"):
+        check_parity(model, spec.mean, spec.std, spec.input_size, cbm, head, batch_sizes=(2,))
+
+
 def test_failed_export_leaves_the_repository_untouched(random_bundle, tmp_path):
     repo = tmp_path / "repo"
     export_repository(random_bundle, repo, flavour="python")
