@@ -132,9 +132,18 @@ def read_meta(bundle_dir: str | Path) -> tuple[BundleMeta, dict]:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise BundleError(f"{path} must hold a JSON object, got {type(doc).__name__}")
     version = doc.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(f"{path} has format_version {version!r}; this build reads version {FORMAT_VERSION}")
+    weights = doc.get("weights")
+    # The weights entry is what the SHA-256 check rests on: it must name a file inside the bundle.
+    if (not isinstance(weights, dict) or not isinstance(weights.get("file"), str)
+            or not isinstance(weights.get("sha256"), str) or Path(weights["file"]).name != weights["file"]
+            or weights["file"] in ("", ".", "..")):
+        raise BundleError(f"{path} needs \"weights\": {{\"file\": <a file name in the bundle folder>, "
+                          f"\"sha256\": <hex digest>}}, got {weights!r}")
     try:
         return BundleMeta.from_json(doc), doc
     except (KeyError, TypeError, ValueError) as exc:
@@ -154,14 +163,20 @@ def load_bundle(bundle_dir: str | Path, map_location: str = "cpu") -> tuple[Salf
         raise BundleError(f"{wpath} is corrupted: SHA-256 {digest} does not match bundle.json's "
                           f"{doc['weights']['sha256']}")
     state = load_file(str(wpath), device=map_location)
-    model = build_model(meta)
+    try:
+        model = build_model(meta)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{Path(bundle_dir) / META_FILE} describes a model that cannot be built: {exc}") from exc
     load_model_state(model, state)
     return model.to(map_location).eval(), meta
 
 
 def load_model_state(model: SalfCBM, state: dict[str, torch.Tensor]) -> None:
     backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    model.backbone.load_state_dict(backbone, strict=True)
+    try:
+        model.backbone.load_state_dict(backbone, strict=True)
+    except RuntimeError as exc:  # missing/unexpected keys or shape mismatches: the metadata and weights disagree
+        raise BundleError(f"bundle backbone weights do not fit the backbone bundle.json describes: {exc}") from exc
     with torch.no_grad():
         for name, target in (("cbl.weight", model.cbl.conv.weight), ("head.weight", model.head.linear.weight),
                              ("head.bias", model.head.linear.bias), ("concept_mean", model.head.concept_mean),

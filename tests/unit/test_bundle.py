@@ -41,3 +41,42 @@ def test_other_format_version_is_rejected(tmp_path):
 def test_missing_bundle_is_a_clear_error(tmp_path):
     with pytest.raises(BundleError, match="not a SALF-CBM bundle"):
         load_bundle(tmp_path / "nothing")
+
+
+def _edit_meta(path, **changes):
+    doc = json.loads((path / "bundle.json").read_text())
+    doc.update(changes)
+    (path / "bundle.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("weights", [None, {"file": "weights.safetensors"}, {"file": "../x.safetensors", "sha256": "0"},
+                                     {"file": "/etc/passwd", "sha256": "0"}])
+def test_bad_weights_entry_is_a_bundle_error(tmp_path, weights):
+    # before: a missing entry raised a bare KeyError, and a path outside the bundle was followed
+    path = make_random_bundle(tmp_path / "b")
+    _edit_meta(path, weights=weights)
+    with pytest.raises(BundleError, match='needs "weights"'):
+        load_bundle(path)
+
+
+def test_non_object_bundle_json_is_a_bundle_error(tmp_path):
+    path = make_random_bundle(tmp_path / "b")
+    (path / "bundle.json").write_text("[1, 2]")
+    with pytest.raises(BundleError, match="JSON object"):
+        load_bundle(path)
+
+
+def test_metadata_that_disagrees_with_the_weights_is_a_bundle_error(tmp_path):
+    # bundle.json says width 16, the (intact, checksummed) weights are of a width-8 backbone
+    path = make_random_bundle(tmp_path / "b", width=8)
+    doc = json.loads((path / "bundle.json").read_text())
+    _edit_meta(path, backbone={**doc["backbone"], "width": 16})
+    with pytest.raises(BundleError, match="backbone weights do not fit"):
+        load_bundle(path)
+
+
+def test_unknown_pooling_is_a_bundle_error(tmp_path):
+    path = make_random_bundle(tmp_path / "b")
+    _edit_meta(path, pooling="max")
+    with pytest.raises(BundleError, match="cannot be built.*pooling"):
+        load_bundle(path)
