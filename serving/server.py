@@ -55,6 +55,20 @@ def status_for(exc: Exception) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the gateway's log"
 
 
+# A call without a client deadline reports ~9.2e18 s remaining (gRPC's infinite deadline). Passed on,
+# that overflows: the embedded backend's cancel timer dies with OverflowError and a Triton call with
+# client_timeout=9e18 fails at once with DEADLINE_EXCEEDED. Anything longer than this means "none".
+NO_DEADLINE_ABOVE_S = 365 * 24 * 3600.0
+
+
+def request_timeout(context) -> float | None:
+    """Seconds left of the call's deadline, or None when the client set none."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > NO_DEADLINE_ABOVE_S:
+        return None
+    return float(remaining)
+
+
 # ------------------------------------------------------------------ interceptor
 
 def _deny_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
@@ -190,7 +204,7 @@ class GatewayServicer:
         self.pb, _ = _pb()
 
     def Predict(self, request, context):
-        classes, size = self.gateway.predict(request.image, request.top_k, context.time_remaining())
+        classes, size = self.gateway.predict(request.image, request.top_k, request_timeout(context))
         return self.pb.PredictResponse(classes=[class_score_pb(self.pb, c) for c in classes],
                                        image_height=size[0], image_width=size[1])
 
@@ -204,7 +218,7 @@ class GatewayServicer:
                                  class_name=request.class_name if which == "class_name" else None,
                                  class_index=request.class_index if which == "class_index" else None,
                                  top_k=request.top_k, heatmaps=fmt != pb.HEATMAP_FORMAT_NONE,
-                                 timeout_s=context.time_remaining())
+                                 timeout_s=request_timeout(context))
         response = pb.ExplainResponse(explanation_id=r.explanation_id, target=class_score_pb(pb, r.target),
                                       predictions=[class_score_pb(pb, c) for c in r.predictions],
                                       concepts=[contribution_pb(pb, c, fmt) for c in r.concepts],
@@ -221,7 +235,7 @@ class GatewayServicer:
         pb = self.pb
         region = region_from_pb(request.region if request.HasField("region") else None)
         r = self.gateway.explain_region(region, request.explanation_id, request.image, request.top_k,
-                                        context.time_remaining())
+                                        request_timeout(context))
         return pb.ExplainRegionResponse(explanation_id=r.explanation_id,
                                         concepts=[activation_pb(pb, a) for a in r.concepts],
                                         region_area=r.area, image_height=r.size[0], image_width=r.size[1])
@@ -235,7 +249,7 @@ class GatewayServicer:
             except errors.InvalidArgument as exc:
                 raise errors.InvalidArgument(f"edit {n}: {exc}") from None
         r = self.gateway.intervene(edits, request.explanation_id, request.image, request.top_k,
-                                   context.time_remaining())
+                                   request_timeout(context))
         return pb.InterveneResponse(
             explanation_id=r.explanation_id,
             before=[class_score_pb(pb, c) for c in r.before], after=[class_score_pb(pb, c) for c in r.after],

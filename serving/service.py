@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -109,6 +110,19 @@ class InterveneResult:
     region_concepts: list[Activation] = field(default_factory=list)
 
 
+# ------------------------------------------------------------------ deadlines
+
+def _deadline(timeout_s: float | None) -> float | None:
+    """The request's remaining time -> an absolute ``time.monotonic()`` deadline (None: no deadline)."""
+    return None if timeout_s is None else time.monotonic() + timeout_s
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` *now*: each backend call gets what the earlier steps (decoding,
+    a first inference) left of the request's deadline, not the time it had on arrival."""
+    return None if deadline is None else deadline - time.monotonic()
+
+
 # ------------------------------------------------------------------ validation helpers
 
 def resolve_top_k(k: int, n: int, what: str) -> int:
@@ -147,9 +161,9 @@ class Gateway:
 
     # ---------------------------------------------------------- shared steps
 
-    def _run_image(self, image: bytes, timeout_s: float | None) -> CachedMaps:
+    def _run_image(self, image: bytes, deadline: float | None) -> CachedMaps:
         decoded = decode_image(image, self.spec.input_size)
-        maps, scores, logits = self.backend.infer(decoded.model_input[None], timeout_s)
+        maps, scores, logits = self.backend.infer(decoded.model_input[None], _left(deadline))
         return CachedMaps(maps[0], scores[0], logits[0], decoded.size)
 
     def _remember(self, entry: CachedMaps) -> str:
@@ -157,7 +171,7 @@ class Gateway:
         self.cache.put(explanation_id, entry)
         return explanation_id
 
-    def _maps_for(self, explanation_id: str, image: bytes, timeout_s: float | None) -> tuple[str, CachedMaps]:
+    def _maps_for(self, explanation_id: str, image: bytes, deadline: float | None) -> tuple[str, CachedMaps]:
         """Cached maps of ``explanation_id``, or a fresh forward pass on the resent ``image``."""
         if explanation_id:
             entry = self.cache.get(explanation_id)
@@ -167,7 +181,7 @@ class Gateway:
                 raise NotFound(f"explanation_id {explanation_id!r} is unknown or expired; resend the image")
         elif not image:
             raise InvalidArgument("send an image or an explanation_id")
-        entry = self._run_image(image, timeout_s)
+        entry = self._run_image(image, deadline)
         return self._remember(entry), entry
 
     def _class_scores(self, logits: np.ndarray, order: list[int] | None = None, k: int | None = None) -> list[ClassScore]:
@@ -205,18 +219,20 @@ class Gateway:
     # ---------------------------------------------------------- RPCs
 
     def predict(self, image: bytes, top_k: int = 0, timeout_s: float | None = None) -> tuple[list[ClassScore], tuple[int, int]]:
+        deadline = _deadline(timeout_s)
         k = resolve_top_k(top_k, self.spec.num_classes, "classes")
-        entry = self._run_image(image, timeout_s)
+        entry = self._run_image(image, deadline)
         return self._class_scores(entry.logits, k=k), entry.size
 
     def explain(self, image: bytes, class_name: str | None = None, class_index: int | None = None,
                 top_k: int = 0, heatmaps: bool = True, timeout_s: float | None = None) -> ExplainResult:
         """Contribution scores for the predicted class (or the requested one) and heatmaps of the
         top-k contributing concepts (paper 3.5)."""
+        deadline = _deadline(timeout_s)
         k = resolve_top_k(top_k, self.spec.num_concepts, "concepts")
         wants_class = (class_name is not None and class_name != "") or class_index is not None
         requested = _resolve_index(class_name, class_index, self.spec.classes, "class") if wants_class else None
-        entry = self._run_image(image, timeout_s)
+        entry = self._run_image(image, deadline)
         explanation_id = self._remember(entry)
         target = int(np.argmax(entry.logits)) if requested is None else requested
         chosen = explain.top_contributors(self.spec.weight, entry.scores, target, k)
@@ -232,8 +248,9 @@ class Gateway:
     def explain_region(self, region: Region, explanation_id: str = "", image: bytes = b"", top_k: int = 0,
                        timeout_s: float | None = None) -> RegionResult:
         """Explain Anything (paper 3.6): top-k concepts by ``a(x, m | I) = sum(I * upsample(c(x)[m]))``."""
+        deadline = _deadline(timeout_s)
         k = resolve_top_k(top_k, self.spec.num_concepts, "concepts")
-        explanation_id, entry = self._maps_for(explanation_id, image, timeout_s)
+        explanation_id, entry = self._maps_for(explanation_id, image, deadline)
         mask = self.region_mask(region, entry.size)
         return RegionResult(explanation_id, self._activations(entry.maps, mask, k), int(mask.sum()), entry.size)
 
@@ -242,6 +259,7 @@ class Gateway:
         """Local intervention (paper 3.6): ``c[m] += beta * I_grid`` for each edit on the cached maps,
         then only the head runs, on the unedited and the edited maps together (one batch), so the
         deltas are exactly ``head(edited) - head(maps)``."""
+        deadline = _deadline(timeout_s)
         if not edits:
             raise InvalidArgument("intervene needs at least one edit (concept, region, beta)")
         # One top_k for the region's concepts; the class lists show as many classes as exist up to it.
@@ -252,7 +270,7 @@ class Gateway:
             if not math.isfinite(e.beta):
                 raise InvalidArgument(f"edit {n}: beta must be a finite number, got {e.beta}")
             resolved.append((_resolve_index(e.name, e.index, self.spec.concepts, "concept"), e))
-        explanation_id, entry = self._maps_for(explanation_id, image, timeout_s)
+        explanation_id, entry = self._maps_for(explanation_id, image, deadline)
         union = np.zeros(entry.size, dtype=bool)
         grid_edits = []
         for n, (m, e) in enumerate(resolved):
@@ -263,7 +281,8 @@ class Gateway:
             union |= mask
             grid_edits.append((m, float(e.beta), explain.grid_coverage(mask, self.spec.grid)))
         edited = explain.apply_edits(entry.maps, grid_edits)
-        _, logits = self.backend.infer_head(np.stack([entry.maps, edited]).astype(np.float32), timeout_s)
+        _, logits = self.backend.infer_head(np.stack([entry.maps, edited]).astype(np.float32),
+                                            _left(deadline))
         before, after = logits[0], logits[1]
         return InterveneResult(
             explanation_id=explanation_id,

@@ -6,6 +6,7 @@ every bad input, health, reflection and metrics.
 from __future__ import annotations
 
 import io
+import time
 import json
 import urllib.request
 
@@ -385,3 +386,21 @@ def test_concurrent_requests_agree_with_serial_ones(stub, pb):
     for n, (target, deltas) in enumerate(concurrent):
         assert target == serial[n % 6][0]
         np.testing.assert_allclose(deltas, serial[n % 6][1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(120)
+def test_calls_without_a_client_deadline_work(stub, pb, monkeypatch):
+    """No client deadline means none: before, gRPC's 'infinite' remaining time (~9e18 s) reached the
+    backends, killing the embedded cancel timer (OverflowError in a thread) and failing every Triton
+    call at once with DEADLINE_EXCEEDED."""
+    import threading
+
+    crashed = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: crashed.append(args.exc_value))
+    region = pb.Region(box=pb.Box(x0=0, y0=0, x1=56, y1=42))
+    assert len(stub.Predict(pb.PredictRequest(image=PNG)).classes) == 3  # no timeout= on purpose
+    explained = stub.Explain(pb.ExplainRequest(image=PNG, heatmaps=pb.HEATMAP_FORMAT_NONE))
+    r = stub.Intervene(pb.InterveneRequest(image=PNG, edits=[pb.ConceptEdit(concept_index=1, region=region, beta=1.0)]))
+    assert explained.explanation_id and len(r.logits_after) == 3
+    time.sleep(0.2)  # a timer thread that overflowed would have reported by now
+    assert crashed == []

@@ -196,3 +196,33 @@ def test_explanation_ids_are_evicted_and_expire(exported_repo, pb):
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         gw.server.stop(grace=0.5)
+
+
+def test_each_backend_call_gets_what_is_left_of_the_deadline(exported_repo):
+    """Intervene on a resent image runs salf_cbm then salf_head: the head must get the time left
+    after the first call, not the request's whole budget again (it used to get the same value)."""
+    from serving.backends import EmbeddedBackend
+    from serving.cache import TTLCache
+    from serving.images import encode_png
+    from serving.repository import load_model_spec
+    from serving.service import Edit, Gateway, Region
+
+    class SlowBackend(EmbeddedBackend):
+        def __init__(self, spec):
+            super().__init__(spec)
+            self.timeouts = []
+
+        def _run(self, model, feeds, outputs, timeout_s):
+            self.timeouts.append((model, timeout_s))
+            time.sleep(0.3)
+            return super()._run(model, feeds, outputs, timeout_s)
+
+    spec = load_model_spec(exported_repo)
+    backend = SlowBackend(spec)
+    gateway = Gateway(spec, backend, TTLCache(4, 60.0))
+    edit = Edit(region=Region(box=(0, 0, 20, 20)), beta=1.0, index=0)
+    gateway.intervene([edit], image=encode_png(sample_image(2)), timeout_s=5.0)
+    (first, t_cbm), (second, t_head) = backend.timeouts
+    assert (first, second) == ("salf_cbm", "salf_head")
+    assert t_cbm <= 5.0 and t_head <= t_cbm - 0.3
+    backend.close()
