@@ -112,3 +112,31 @@ def test_dataset_without_masks_or_test_split_fails_before_training(tmp_path, syn
     (data / "dataset.json").write_text(json.dumps(doc))
     with pytest.raises(PipelineError, match="needs per-image concept masks"):
         make_context(cfg, data, tmp_path / "run")
+
+
+def test_feature_cache_is_rebuilt_when_the_images_change(tmp_path, synth_data):
+    """Same dataset path, same image count, one image replaced: the cached features must not be reused."""
+    import shutil
+
+    from tests.fixtures.trained import fast_config
+    from training.backbones import build_backbone
+    from training.config import config_from_dict
+    from training.data.folder import ImageFolderSplit
+    from training.pipeline import make_context, stage_features
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data, ignore=shutil.ignore_patterns("val"))
+    doc = fast_config()
+    doc["backbone_train"]["enabled"] = False
+    ctx = make_context(config_from_dict(doc), data, tmp_path / "run", progress=False)
+    torch.manual_seed(0)
+    backbone = build_backbone(ctx.cfg.backbone).eval()
+    before = next(stage_features(ctx, "train", backbone).batches([0], 1)).features
+    paths = ImageFolderSplit(data, "train").paths
+    shutil.copyfile(paths[1], paths[0])  # a different image under image 0's name
+    after = next(stage_features(ctx, "train", backbone).batches([0], 1)).features
+    assert not torch.equal(before, after)
+    # and an unchanged dataset still reuses its cache (no rebuild: same shard file)
+    manifest = (tmp_path / "run" / "features" / "train" / "manifest.json").stat().st_mtime_ns
+    stage_features(ctx, "train", backbone)
+    assert (tmp_path / "run" / "features" / "train" / "manifest.json").stat().st_mtime_ns == manifest
