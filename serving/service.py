@@ -281,9 +281,16 @@ class Gateway:
             union |= mask
             grid_edits.append((m, float(e.beta), explain.grid_coverage(mask, self.spec.grid)))
         edited = explain.apply_edits(entry.maps, grid_edits)
+        # A finite but huge beta (float32 reaches 3.4e38) overflows the maps or the head's pooling and
+        # standardisation to inf, and the answer to NaN probabilities: refuse it as the user error it is.
+        betas = ", ".join(f"{e.beta:g}" for e in edits)
+        if not np.isfinite(edited).all():
+            raise InvalidArgument(f"beta too large: the edited concept maps overflow float32 (betas {betas})")
         _, logits = self.backend.infer_head(np.stack([entry.maps, edited]).astype(np.float32),
                                             _left(deadline))
         before, after = logits[0], logits[1]
+        if not np.isfinite(after).all():
+            raise InvalidArgument(f"beta too large: the head's logits on the edited maps are not finite (betas {betas})")
         return InterveneResult(
             explanation_id=explanation_id,
             before=self._class_scores(before, k=k_classes),

@@ -291,6 +291,8 @@ def _bad_cases(pb):
                      "edit 0: beta must be a finite number, got nan"),
         "inf beta": ("Intervene", pb.InterveneRequest(image=PNG, edits=[edit(), edit(beta=float("-inf"))]),
                      "edit 1: beta must be a finite number, got -inf"),
+        "overflowing beta": ("Intervene", pb.InterveneRequest(image=PNG, edits=[edit(beta=3e38)]),
+                             "beta too large"),
         "no edits": ("Intervene", pb.InterveneRequest(image=PNG), "at least one edit"),
         "edit without concept": ("Intervene", pb.InterveneRequest(image=PNG, edits=[pb.ConceptEdit(region=good, beta=1)]),
                                  "edit 0: edit has no concept"),
