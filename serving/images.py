@@ -18,6 +18,8 @@ from .errors import InvalidArgument
 # Larger inputs are refused rather than decoded: 64 MP is well above any camera image a client sends
 # for explanation, and bounds the gateway's memory per request.
 MAX_PIXELS = 64_000_000
+# A points region is a few clicks; each point costs its disk's area, so the count is bounded too.
+MAX_POINTS = 1024
 # Pillow reports multi-picture JPEGs from cameras as "MPO": still JPEG.
 ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")
 
@@ -107,14 +109,21 @@ def points_mask(points: list[tuple[float, float]], radius: float, image_size: tu
         raise InvalidArgument("points region has no point")
     if not (np.isfinite(radius) and radius > 0):
         raise InvalidArgument(f"points radius must be a positive number of pixels, got {radius}")
+    if len(points) > MAX_POINTS:
+        raise InvalidArgument(f"points region has {len(points)} points; at most {MAX_POINTS} are accepted "
+                              f"(send a mask_png for a region drawn with many points)")
     h, w = image_size
-    yy = np.arange(h)[:, None] + 0.5
-    xx = np.arange(w)[None, :] + 0.5
     mask = np.zeros((h, w), dtype=bool)
     for x, y in points:
         if not (np.isfinite(x) and np.isfinite(y) and 0 <= x <= w and 0 <= y <= h):
             raise InvalidArgument(f"point ({x}, {y}) lies outside the {w}x{h} image")
-        mask |= (yy - y) ** 2 + (xx - x) ** 2 <= radius ** 2
+        # Only the disk's bounding window (one pixel of slack for rounding): the cost of a point is
+        # its area, not the image's, so many small clicks on a large image stay cheap.
+        y0, y1 = max(0, int(np.floor(y - radius)) - 1), min(h, int(np.ceil(y + radius)) + 1)
+        x0, x1 = max(0, int(np.floor(x - radius)) - 1), min(w, int(np.ceil(x + radius)) + 1)
+        yy = np.arange(y0, y1)[:, None] + 0.5
+        xx = np.arange(x0, x1)[None, :] + 0.5
+        mask[y0:y1, x0:x1] |= (yy - y) ** 2 + (xx - x) ** 2 <= radius ** 2
     return mask
 
 

@@ -1,5 +1,6 @@
 """serving/images.py: decoding, preprocessing per docs/DESIGN.md, and region masks."""
 import io
+import time
 
 import numpy as np
 import pytest
@@ -110,3 +111,24 @@ def test_too_many_pixels_refused_before_decoding(monkeypatch, rgb):
     monkeypatch.setattr(images, "MAX_PIXELS", 1000)
     with pytest.raises(InvalidArgument, match=r"is 80x50 pixels; at most 1000 pixels are accepted"):
         decode_image(_encode(rgb, "PNG"), (8, 8))
+
+
+def test_points_mask_equals_full_image_disks_and_costs_only_the_disks():
+    """The windowed disks equal the whole-image definition (pixel centres within the radius), at the
+    edges and with fractional radii; many points are bounded (each used to cost the whole image)."""
+    from serving.images import MAX_POINTS
+
+    rng = np.random.default_rng(3)
+    h, w = 37, 53
+    yy, xx = np.arange(h)[:, None] + 0.5, np.arange(w)[None, :] + 0.5
+    for radius in (0.5, 1.0, 2.7, 6.0, 80.0):
+        pts = [(float(x), float(y)) for x, y in rng.uniform(0, 1, (6, 2)) * (w, h)] + [(0.0, 0.0), (w, h), (w, 0.0)]
+        expected = np.zeros((h, w), bool)
+        for x, y in pts:
+            expected |= (yy - y) ** 2 + (xx - x) ** 2 <= radius ** 2
+        np.testing.assert_array_equal(points_mask(pts, radius, (h, w)), expected)
+    with pytest.raises(InvalidArgument, match=f"at most {MAX_POINTS} are accepted"):
+        points_mask([(1.0, 1.0)] * (MAX_POINTS + 1), 1.0, (11, 11))
+    start = time.perf_counter()
+    points_mask([(float(x), float(y)) for x, y in rng.uniform(0, 2000, (MAX_POINTS, 2))], 3.0, (2000, 2000))
+    assert time.perf_counter() - start < 2.0  # whole-image disks: ~1024 x 4 Mpx, tens of seconds
