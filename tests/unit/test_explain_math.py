@@ -128,3 +128,21 @@ def test_bad_sizes_rejected():
         explain.bilinear_matrix(0, 7)
     with pytest.raises(ValueError, match="positive"):
         explain.cell_coverage_matrix(10, 0)
+
+
+def test_upsample_needs_no_more_memory_than_its_result():
+    """Heatmaps are as large as the image: the upsampling must not hold float64 copies of them (numpy
+    reports its allocations to tracemalloc)."""
+    import tracemalloc
+
+    maps = np.random.default_rng(2).normal(size=(5, 7, 7)).astype(np.float32)
+    size = (1000, 1200)
+    tracemalloc.start()
+    try:
+        up = explain.upsample(maps, size)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert up.dtype == np.float32 and up.shape == (5, *size)
+    assert peak < 1.2 * up.nbytes, f"peak {peak / 2**20:.0f} MiB for a {up.nbytes / 2**20:.0f} MiB result"
+    np.testing.assert_allclose(up[:, ::97, ::89], _torch_upsample(maps, size)[:, ::97, ::89], atol=1e-5)
