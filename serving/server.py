@@ -344,17 +344,31 @@ class GatewayServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{c.host}:{c.port}"
-        if c.tls_cert is not None:
-            creds = grpc.ssl_server_credentials([(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())])
-            port = server.add_secure_port(address, creds)
-        else:
-            port = server.add_insecure_port(address)
-        if port == 0:
-            raise OSError(f"cannot bind the gateway to {address}")
-        server.start()
-        self._server, self.port = server, port
-        if c.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(c.metrics_port, c.host)
+        try:
+            try:
+                if c.tls_cert is not None:
+                    creds = grpc.ssl_server_credentials([(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())])
+                    port = server.add_secure_port(address, creds)
+                else:
+                    port = server.add_insecure_port(address)
+            except RuntimeError as exc:  # grpcio raises RuntimeError("Failed to bind ...") on a taken port
+                raise OSError(f"cannot bind the gateway to {address}: {exc}") from exc
+            if port == 0:
+                raise OSError(f"cannot bind the gateway to {address}")
+            server.start()
+            self._server, self.port = server, port
+            if c.metrics_port is not None:
+                try:
+                    self.metrics_port = self.metrics.serve(c.metrics_port, c.host)
+                except OSError as exc:
+                    raise OSError(f"cannot serve metrics on {c.host}:{c.metrics_port}: {exc}") from exc
+        except BaseException:
+            # A half-started gateway must not keep its gRPC port, Triton channel or sessions.
+            server.stop(None)
+            self._server = None
+            self.backend.close()
+            self.metrics.close()
+            raise
         # "" is liveness (the process answers); the service name is readiness (its backend can infer),
         # so a load balancer or a Kubernetes gRPC probe routes away while Triton is down.
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)

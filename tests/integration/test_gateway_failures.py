@@ -226,3 +226,26 @@ def test_each_backend_call_gets_what_is_left_of_the_deadline(exported_repo):
     assert (first, second) == ("salf_cbm", "salf_head")
     assert t_cbm <= 5.0 and t_head <= t_cbm - 0.3
     backend.close()
+
+
+def test_a_taken_port_is_a_clear_error_and_releases_everything(exported_repo):
+    """Before: a taken gRPC port raised grpcio's bare RuntimeError (a traceback from `salfctl serve`,
+    which only catches OSError), and a taken metrics port left the gRPC server running."""
+    import socket
+
+    from serving.server import GatewayServer, ServeConfig
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot bind the gateway to 127.0.0.1:{port}"):
+            GatewayServer(ServeConfig(model_repository=exported_repo, host="127.0.0.1", port=port,
+                                      metrics_port=None)).start()
+        server = GatewayServer(ServeConfig(model_repository=exported_repo, host="127.0.0.1", port=0,
+                                           metrics_port=port))
+        with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            server.start()
+    assert server.backend._sessions == {}  # the backend was closed
+    with socket.socket() as again:  # and the gRPC port is free: the half-started server was stopped
+        again.bind(("127.0.0.1", server.port))
