@@ -112,6 +112,22 @@ def test_changed_settings_are_refused_without_overwrite(clip_small_data, referen
     assert cache.spec.radius == 12 and len(cache.shards) == 2 and not (out / shard_file(2)).exists()
 
 
+def test_an_image_replaced_under_the_same_name_is_not_served_from_the_old_cache(clip_small_data, reference_cache,
+                                                                               tiny_clip, tmp_path):
+    """Names alone pinned the cache: a regenerated dataset with the same file names resumed (or reused)
+    the stale embeddings. The digest covers file sizes too, so such a cache is refused."""
+    import shutil
+
+    data, out = tmp_path / "data", tmp_path / "sim"
+    shutil.copytree(clip_small_data, data)
+    shutil.copytree(reference_cache, out)
+    paths, names = _names(data)
+    big = next(p for p in paths if p.stat().st_size != paths[0].stat().st_size)
+    shutil.copyfile(big, paths[0])  # another image under image 0's name
+    with pytest.raises(CacheError, match="images_sha256"):
+        compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 16, shard_size=1, batch_size=98)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -84,7 +84,7 @@ def whole_image_embeddings(encoder: ClipEncoder, paths: Sequence[Path], names: S
     from safetensors.torch import load_file, save
 
     key = {"model": encoder.name, "weights": str(encoder.weights_sha256 or f"random:{encoder.init_seed}"),
-           "images": images_digest(names), "size": json.dumps(list(encoder.image_size))}
+           "images": images_digest(names, paths), "size": json.dumps(list(encoder.image_size))}
     if cache_file is not None and cache_file.is_file():
         from safetensors import safe_open
 

@@ -59,7 +59,7 @@ class CacheSpec:
     grid: tuple[int, int]
     radius: int
     num_images: int
-    images_sha256: str  # SHA-256 of the ordered image list (relative paths)
+    images_sha256: str  # SHA-256 of the ordered image list (relative paths and file sizes)
     shard_size: int
     batch_size: int  # prompts per forward pass: part of the spec because it fixes the batching
     dim: int
@@ -87,11 +87,17 @@ class CacheSpec:
         return self.grid[0] * self.grid[1]
 
 
-def images_digest(names: Sequence[str]) -> str:
-    """SHA-256 of the ordered image names: pins the dataset order the cache rows follow."""
+def images_digest(names: Sequence[str], paths: Sequence[str | Path] | None = None) -> str:
+    """SHA-256 of the ordered image names (and, given ``paths``, each file's size in bytes): pins the
+    dataset order the cache rows follow. The sizes make a dataset regenerated under the same names a
+    different cache (names alone let a stale cache be resumed or reused); they are the same on every
+    node that holds a copy of the dataset, unlike modification times."""
+    if paths is not None and len(paths) != len(names):
+        raise ValueError(f"{len(paths)} paths but {len(names)} names")
     h = hashlib.sha256()
-    for name in names:
-        h.update(name.encode("utf-8") + b"\n")
+    for k, name in enumerate(names):
+        size = b"" if paths is None else b"\0" + str(Path(paths[k]).stat().st_size).encode()
+        h.update(name.encode("utf-8") + size + b"\n")
     return h.hexdigest()
 
 
@@ -341,12 +347,13 @@ def _adopt_batching(out_dir: Path, spec: CacheSpec, overwrite: bool) -> CacheSpe
 
 
 def build_spec(encoder: ClipEncoder, names: Sequence[str], grid: tuple[int, int], radius: int,
-               shard_size: int, batch_size: int, path: str = "full", compiled: bool = False) -> CacheSpec:
+               shard_size: int, batch_size: int, path: str = "full", compiled: bool = False,
+               paths: Sequence[str | Path] | None = None) -> CacheSpec:
     dim = encoder.embed_dim
     return CacheSpec(model=encoder.name, pretrained=encoder.pretrained, weights_sha256=encoder.weights_sha256,
                      init_seed=encoder.init_seed, image_size=tuple(encoder.image_size), mean=tuple(encoder.mean),
                      std=tuple(encoder.std), grid=(int(grid[0]), int(grid[1])), radius=int(radius),
-                     num_images=len(names), images_sha256=images_digest(names), shard_size=int(shard_size),
+                     num_images=len(names), images_sha256=images_digest(names, paths), shard_size=int(shard_size),
                      batch_size=int(batch_size), dim=dim, precision=encoder.precision, prompt_path=path,
                      compiled=bool(compiled))
 
@@ -368,7 +375,8 @@ def compute_prompt_embeddings(paths: Sequence[str | Path], names: Sequence[str],
     out.mkdir(parents=True, exist_ok=True)
     rank, world, created = distributed_context()
     try:
-        spec = build_spec(encoder, names, grid, radius, shard_size, batch_size, prompt_path(encoder), compile)
+        spec = build_spec(encoder, names, grid, radius, shard_size, batch_size, prompt_path(encoder), compile,
+                          paths)
         spec = _adopt_batching(out, spec, overwrite)
         if rank == 0:
             _check_or_write_plan(out, spec, rank, overwrite)
