@@ -406,3 +406,53 @@ def test_calls_without_a_client_deadline_work(stub, pb, monkeypatch):
     assert explained.explanation_id and len(r.logits_after) == 3
     time.sleep(0.2)  # a timer thread that overflowed would have reported by now
     assert crashed == []
+
+
+@pytest.mark.timeout(300)
+def test_intervene_and_contributions_on_a_softmax_pooled_model(tmp_path_factory, pb):
+    """The gateway never pools itself: with softmax pooling the head graph pools the edited maps, so
+    Intervene equals an independent softmax-pooled head and Explain's scores are the model's c*."""
+    from safetensors.numpy import load_file
+
+    from export.repository import export_repository
+    from tests.fixtures.bundles import make_random_bundle
+    from tests.fixtures.gateway import start_gateway
+
+    root = tmp_path_factory.mktemp("softmax")
+    repo = root / "model_repository"
+    export_repository(make_random_bundle(root / "bundle", pooling="softmax", seed=5), repo, flavour="python",
+                      parity=True)
+    t = load_file(str(repo / "head.safetensors"))
+    meta = json.loads((repo / "salf_model.json").read_text())
+    assert meta["pooling"] == "softmax"
+    hd = {"W": t["head.weight"].astype(np.float64), "b": t["head.bias"].astype(np.float64),
+          "mean": t["concept_mean"].astype(np.float64), "std": t["concept_std"].astype(np.float64), "meta": meta}
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(repo / "salf_cbm/1/model.onnx"), providers=["CPUExecutionProvider"])
+    h, w = meta["input_size"]
+    maps, scores, _ = (a[0] for a in sess.run(None, {"image": np.asarray(
+        Image.fromarray(IMAGE).resize((w, h), Image.BILINEAR))[None]}))
+    gw = start_gateway(repo, metrics_port=None)
+    try:
+        with grpc.insecure_channel(gw.url) as channel:
+            from salf.v1 import gateway_pb2_grpc
+
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            explained = stub.Explain(pb.ExplainRequest(image=PNG, top_k=6, heatmaps=pb.HEATMAP_FORMAT_NONE), timeout=10)
+            for c in explained.concepts:
+                assert c.score == pytest.approx(scores[c.index], abs=1e-4)
+                assert c.contribution == pytest.approx(hd["W"][explained.target.index, c.index] * scores[c.index], abs=1e-4)
+            mask = _mask()
+            r = stub.Intervene(pb.InterveneRequest(explanation_id=explained.explanation_id, edits=[
+                pb.ConceptEdit(concept_index=2, beta=4.0, region=pb.Region(mask_png=encode((mask * 255).astype(np.uint8))))]),
+                timeout=10)
+    finally:
+        gw.server.stop(grace=0.5)
+    edited = maps.astype(np.float64).copy()
+    edited[2] += 4.0 * _block_coverage(mask, tuple(meta["grid"]))
+    np.testing.assert_allclose(r.logits_after, numpy_head(edited, hd)[1], **TOL)
+    np.testing.assert_allclose(r.logits_before, numpy_head(maps, hd)[1], **TOL)
+    # Softmax pooling is not linear: the closed form of average pooling must not hold here.
+    avg = hd["W"][:, 2] * 4.0 * _block_coverage(mask, tuple(meta["grid"])).mean() / hd["std"][2]
+    assert not np.allclose(r.logit_deltas, avg, rtol=1e-3, atol=1e-4)
