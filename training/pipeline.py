@@ -216,6 +216,7 @@ def stage_cbl(ctx: Context, train_cache=None):
     _json_write(ctx.run.cbl / "cbl.json", {
         "concepts": result.concepts, "all_concepts": list(source.concepts), "kept": result.kept,
         "val_indices": split.val_indices, "train_indices": split.train_indices,
+        "features_key": cache.manifest["key"],
         "similarity": {"source": ctx.cfg.similarity.source, "radius": ctx.cfg.radius},
         "clip": clip_info, **result.record()})
     return result
@@ -242,6 +243,11 @@ def stage_head(ctx: Context, train_cache=None) -> dict:
     cfg = ctx.cfg
     weight, info = _load_cbl(ctx)
     cache = train_cache or stage_features(ctx, "train")
+    # The CBL's split indices and weights belong to the features it was trained on: a cache rebuilt
+    # since (other images, backbone or grid) would silently pair them with other images.
+    if info.get("features_key") is not None and info["features_key"] != cache.manifest["key"]:
+        raise PipelineError(f"the train features changed since `salfctl train cbl` ran (other images, backbone or "
+                            f"grid); rerun `salfctl train cbl` before `train head`")
     tr, va = info["train_indices"], info["val_indices"]
     t = time.perf_counter()
     c_all, y_all, mean_map, _ = concept_activations(cache, weight, cfg.pooling, device=ctx.device)

@@ -140,3 +140,26 @@ def test_feature_cache_is_rebuilt_when_the_images_change(tmp_path, synth_data):
     manifest = (tmp_path / "run" / "features" / "train" / "manifest.json").stat().st_mtime_ns
     stage_features(ctx, "train", backbone)
     assert (tmp_path / "run" / "features" / "train" / "manifest.json").stat().st_mtime_ns == manifest
+
+
+def test_head_refuses_a_cbl_trained_on_other_features(tmp_path, synth_data):
+    """`train cbl`, then the images change, then `train head`: the CBL's split indices would pair with
+    other images; the head stage must refuse instead of fitting on a mismatched split."""
+    import shutil
+
+    from tests.fixtures.trained import fast_config
+    from training.config import config_from_dict
+    from training.data.folder import ImageFolderSplit
+    from training.pipeline import PipelineError, make_context, stage_cbl, stage_head
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_data, data, ignore=shutil.ignore_patterns("val"))
+    doc = fast_config()
+    doc["backbone_train"]["enabled"] = False
+    doc["cbl"]["epochs"] = 2
+    ctx = make_context(config_from_dict(doc), data, tmp_path / "run", progress=False)
+    stage_cbl(ctx)
+    paths = ImageFolderSplit(data, "train").paths
+    shutil.copyfile(paths[1], paths[0])
+    with pytest.raises(PipelineError, match="rerun `salfctl train cbl`"):
+        stage_head(ctx)
