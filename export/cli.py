@@ -26,7 +26,8 @@ def export(
     parity: bool = typer.Option(True, "--parity/--no-parity", help="torch vs onnxruntime check (fails the export)"),
     parity_images: Optional[Path] = typer.Option(None, "--parity-images",
                                                  help="folder of real images for the parity check (e.g. DATA/test)"),
-    atol: float = typer.Option(1e-4, "--atol", help="parity: absolute tolerance (fp32)"),
+    atol: float = typer.Option(1e-4, "--atol", help="parity: absolute tolerance on scores and logits (fp32; the "
+                                                        "maps' bound is relative to their own scale)"),
     rtol: float = typer.Option(1e-4, "--rtol", help="parity: tolerance relative to max |torch output|"),
     exporter: str = typer.Option("auto", "--exporter",
                                  help="auto (TorchScript, dynamo if tracing fails) | torchscript | dynamo"),
