@@ -52,13 +52,27 @@ def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return (ry @ maps.astype(np.float32)) @ rx.T
 
 
+# Rows of the mask converted to float64 at a time: a 64 MP mask as one float64 array is 512 MB per request.
+_ROW_BLOCK = 256
+
+
+def _sandwich(left: np.ndarray, mask: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """``left [G1, H] @ mask [H, W] @ right [W, G2]`` float64, converting ``_ROW_BLOCK`` mask rows at a
+    time so the temporary memory stays ``_ROW_BLOCK * W`` however large the image."""
+    out = np.zeros((left.shape[0], right.shape[1]), dtype=np.float64)
+    for r0 in range(0, mask.shape[0], _ROW_BLOCK):
+        block = mask[r0:r0 + _ROW_BLOCK].astype(np.float64)
+        out += left[:, r0:r0 + _ROW_BLOCK] @ (block @ right)
+    return out
+
+
 def project_region(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """Image-size mask ``[H, W]`` (bool or float) -> grid weights ``w = Ry.T @ I @ Rx`` ``[Gh, Gw]``
     float64, so that ``sum(I * upsample(map)) == sum(w * map)`` for every grid map."""
     h, w = mask.shape
     ry = bilinear_matrix(h, grid[0])
     rx = bilinear_matrix(w, grid[1])
-    return ry.T @ mask.astype(np.float64) @ rx
+    return _sandwich(ry.T, mask, rx)
 
 
 def region_activations(maps: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -86,7 +100,7 @@ def grid_coverage(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     h, w = mask.shape
     ay = cell_coverage_matrix(h, grid[0])
     ax = cell_coverage_matrix(w, grid[1])
-    return ay @ mask.astype(np.float64) @ ax.T
+    return _sandwich(ay, mask, ax.T)
 
 
 def apply_edits(maps: np.ndarray, edits: list[tuple[int, float, np.ndarray]]) -> np.ndarray:

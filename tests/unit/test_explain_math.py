@@ -146,3 +146,26 @@ def test_upsample_needs_no_more_memory_than_its_result():
     assert up.dtype == np.float32 and up.shape == (5, *size)
     assert peak < 1.2 * up.nbytes, f"peak {peak / 2**20:.0f} MiB for a {up.nbytes / 2**20:.0f} MiB result"
     np.testing.assert_allclose(up[:, ::97, ::89], _torch_upsample(maps, size)[:, ::97, ::89], atol=1e-5)
+
+
+def test_region_projections_do_not_copy_the_mask_to_float64():
+    """Explain Anything and Intervene on a large image: the grid weights equal the one-shot products,
+    and the temporaries stay far below a float64 copy of the mask (8 bytes per pixel)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(4)
+    mask = np.zeros((2000, 3000), bool)
+    mask[300:1700, 250:2900] = True
+    mask &= rng.random(mask.shape) < 0.7
+    tracemalloc.start()
+    try:
+        w = explain.project_region(mask, (7, 7))
+        cov = explain.grid_coverage(mask, (7, 7))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < mask.size * 8 / 2, f"peak {peak / 2**20:.0f} MiB for a {mask.size / 1e6:.0f} Mpx mask"
+    m64 = mask.astype(np.float64)
+    np.testing.assert_allclose(w, explain.bilinear_matrix(2000, 7).T @ m64 @ explain.bilinear_matrix(3000, 7), rtol=1e-12)
+    np.testing.assert_allclose(cov, explain.cell_coverage_matrix(2000, 7) @ m64 @ explain.cell_coverage_matrix(3000, 7).T,
+                               rtol=1e-12)
