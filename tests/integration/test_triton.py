@@ -93,7 +93,10 @@ def test_grpc_batch_of_real_images_matches_onnxruntime_and_torch(triton_server, 
     with torch.no_grad():
         ref = model(normalize_uint8(torch.from_numpy(real_images), meta.backbone.mean, meta.backbone.std))
     for g, r in zip(got, ref):
-        np.testing.assert_allclose(g, r.numpy(), **TORCH_TOL)
+        # bound relative to each output's scale (export.parity): the random model's maps are ~1e-4,
+        # so an absolute 1e-4 would accept maps that are off by their own size
+        r = r.numpy()
+        np.testing.assert_allclose(g, r, rtol=TORCH_TOL["rtol"], atol=TORCH_TOL["atol"] * max(np.abs(r).max(), 1e-3))
 
 
 def test_http_batches_through_both_models_match_onnxruntime(triton_server, sessions):
