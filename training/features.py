@@ -8,7 +8,8 @@ Layout of a cache folder (``RUN/features/<split>/``)::
 Features are stored already resized to the prompting grid (what the CBL consumes), so a shard of
 1024 images of a ResNet-50 at 7x7 is 1024 * 2048 * 49 * 2 bytes = ~200 MB. Every file is written to
 a temporary name and renamed, and the manifest is written last: a cache is complete exactly when its
-manifest exists and its ``key`` (backbone, weights checksum, grid, split, image count) matches.
+manifest exists and its ``key`` (backbone, weights checksum, grid, split, image count, and the
+images' name/size/mtime fingerprint) matches.
 Readers stream one shard at a time, so memory does not grow with the number of images.
 """
 from __future__ import annotations
