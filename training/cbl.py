@@ -136,6 +136,11 @@ def _train_cbl(cache: FeatureCache, source, split: ValSplit, cfg: CBLCfg, seed: 
         raise ValueError(f"feature cache grid {tuple(cache.shape[1:])} differs from the similarity grid {grid}")
     if cfg.batch_size < 2:
         raise ValueError("cbl.batch_size must be >= 2 (the loss compares images within a batch)")
+    # Both are indexed by the split's dataset order: a source of another image count (e.g. a CLIP cache
+    # of another dataset) would pair features with other images' similarities, or fail mid-epoch.
+    if hasattr(source, "__len__") and len(source) != len(cache):
+        raise ValueError(f"the similarity source covers {len(source)} images but the feature cache {len(cache)}; "
+                         f"both must be built from the same training split")
     torch.manual_seed(seed)
     cbl = ConceptBottleneck(cache.feature_dim, len(concepts), grid).to(dev)
     opt = torch.optim.Adam(cbl.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

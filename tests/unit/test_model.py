@@ -159,6 +159,18 @@ def test_train_cbl_learns_target_and_cutoff_drops_noise(tmp_path):
     assert result.record()["validation_split"]["val_count"] == 15
 
 
+def test_train_cbl_refuses_a_source_of_another_image_count(tmp_path):
+    cache, _ = _cache(tmp_path, n=20, shard=8)
+    class LongerSource(LinearSource):  # e.g. a CLIP cache made from another copy of the dataset
+        def __len__(self):
+            return 24
+
+    source = LongerSource(cache)
+    split = carve_validation(len(cache), 0.25, 0)
+    with pytest.raises(ValueError, match="covers 24 images but the feature cache 20"):
+        train_cbl(cache, source, split, CBLCfg(epochs=1, batch_size=5), seed=0, device="cpu", progress=False)
+
+
 def test_validation_similarity_equals_whole_set_formula(tmp_path):
     cache, _ = _cache(tmp_path, n=30, shard=7)
     source = LinearSource(cache)
