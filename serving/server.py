@@ -378,6 +378,9 @@ class GatewayServer:
         self._watcher.start()
         log.info("gateway listening on %s:%d (%s backend %s, tls %s, auth %s)", c.host, port, self.backend.name,
                  self.backend.target, "on" if c.tls_cert else "off", "on" if c.token else "off")
+        if c.token and c.tls_cert is None and c.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("bearer-token auth without TLS on %s: tokens travel in cleartext; "
+                        "add --tls-cert/--tls-key or terminate TLS in front of the gateway", c.host)
         return self
 
     def _update_readiness(self) -> None:

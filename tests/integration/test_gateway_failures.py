@@ -249,3 +249,13 @@ def test_a_taken_port_is_a_clear_error_and_releases_everything(exported_repo):
     assert server.backend._sessions == {}  # the backend was closed
     with socket.socket() as again:  # and the gRPC port is free: the half-started server was stopped
         again.bind(("127.0.0.1", server.port))
+
+
+def test_token_without_tls_on_a_public_interface_is_warned_about(exported_repo, caplog):
+    from serving.server import GatewayServer, ServeConfig
+
+    config = ServeConfig(model_repository=exported_repo, host="0.0.0.0", port=0, metrics_port=None, token="t")
+    with caplog.at_level("WARNING", logger="serving.server"):
+        server = GatewayServer(config).start()
+        server.stop(grace=0.1)
+    assert any("cleartext" in r.getMessage() for r in caplog.records)
