@@ -49,7 +49,9 @@ class CBLCfg:
 class HeadCfg:
     alpha: float = 0.99  # elastic-net mixing: lam * (alpha*|W|_1 + (1-alpha)/2*|W|_2^2)
     lam: float | None = None  # fixed strength; None -> regularisation path
-    target_nonzero_per_class: int = 5  # path stops at the first lam with at most this many per class
+    # path points are eligible with at most target * classes non-zero weights in total (a per-class average,
+    # as fit_path does); the path stops after the first point over that budget
+    target_nonzero_per_class: int = 5
     path_length: int = 20
     max_iters: int = 2000
     tol: float = 1e-6
