@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -51,68 +51,50 @@ def _print_report(report: dict) -> None:
     typer.echo(summary_line(report))
 
 
-def backbone(config: str = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
-             data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
-             out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
-             device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 or auto."),
-             quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or info logs.")) -> None:
-    """Train the backbone with a linear classifier on the train split (stand-in for pre-trained weights)."""
+ConfigOpt = Annotated[str, typer.Option("--config", "-c", help=CONFIG_HELP)]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", "-d", help=DATA_HELP)]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help=OUT_HELP)]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 or auto.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info logs.")]
+
+
+def _run_stage(stage: str, config: str, data: Optional[Path], out: Path, device: Optional[str], quiet: bool):
+    """Build the run context and run ``training.pipeline.<stage>``; expected errors exit 2 with a message."""
     try:
-        from .pipeline import stage_backbone
+        from . import pipeline
 
         ctx = _context(config, data, out, device, quiet)
-        path = stage_backbone(ctx)
+        return ctx, getattr(pipeline, stage)(ctx)
     except _expected_errors() as exc:
         _fail(exc)
+
+
+def backbone(config: ConfigOpt, out: OutOpt, data: DataOpt = None, device: DeviceOpt = None,
+             quiet: QuietOpt = False) -> None:
+    """Train the backbone with a linear classifier on the train split (stand-in for pre-trained weights)."""
+    ctx, path = _run_stage("stage_backbone", config, data, out, device, quiet)
     typer.echo(f"backbone weights: {path} ({ctx.timings['backbone']:.0f} s)")
 
 
-def cbl(config: str = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
-        data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
-        out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
-        device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 or auto."),
-        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or info logs.")) -> None:
+def cbl(config: ConfigOpt, out: OutOpt, data: DataOpt = None, device: DeviceOpt = None,
+        quiet: QuietOpt = False) -> None:
     """Cache backbone features and train the concept bottleneck layer (with the interpretability cutoff)."""
-    try:
-        from .pipeline import stage_cbl
-
-        ctx = _context(config, data, out, device, quiet)
-        result = stage_cbl(ctx)
-    except _expected_errors() as exc:
-        _fail(exc)
+    _, result = _run_stage("stage_cbl", config, data, out, device, quiet)
     typer.echo(f"cbl: {len(result.kept)}/{len(result.val_similarity)} concepts kept, best epoch "
                f"{result.best_epoch}, dropped {[d['concept'] for d in result.dropped]}")
 
 
-def head(config: str = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
-         data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
-         out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
-         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 or auto."),
-         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or info logs.")) -> None:
+def head(config: ConfigOpt, out: OutOpt, data: DataOpt = None, device: DeviceOpt = None,
+         quiet: QuietOpt = False) -> None:
     """Fit the sparse final layer, write the bundle, evaluate on the test split, write report.json."""
-    try:
-        from .pipeline import stage_head
-
-        ctx = _context(config, data, out, device, quiet)
-        report = stage_head(ctx)
-    except _expected_errors() as exc:
-        _fail(exc)
+    _, report = _run_stage("stage_head", config, data, out, device, quiet)
     _print_report(report)
 
 
-def all_(config: str = typer.Option(..., "--config", "-c", help=CONFIG_HELP),
-         data: Optional[Path] = typer.Option(None, "--data", "-d", help=DATA_HELP),
-         out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
-         device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 or auto."),
-         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or info logs.")) -> None:
+def all_(config: ConfigOpt, out: OutOpt, data: DataOpt = None, device: DeviceOpt = None,
+         quiet: QuietOpt = False) -> None:
     """Everything: backbone (if the preset trains one) -> features -> similarities -> CBL -> head -> bundle -> report."""
-    try:
-        from .pipeline import run_all
-
-        ctx = _context(config, data, out, device, quiet)
-        report = run_all(ctx)
-    except _expected_errors() as exc:
-        _fail(exc)
+    _, report = _run_stage("run_all", config, data, out, device, quiet)
     _print_report(report)
     typer.echo(f"wall time {report['wall_seconds']:.0f} s")
 
