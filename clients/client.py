@@ -59,13 +59,7 @@ class SalfClient:
     def connect(cls, url: str, timeout: float = 30.0, token: str | None = None,
                 ca_cert: str | Path | None = None, tls: bool = False) -> "SalfClient":
         """A client whose gateway answered health and GetModelInfo (with a ready backend)."""
-        client = cls(url, timeout, token, ca_cert, tls)
-        try:
-            client.check()
-        except BaseException:
-            client.close()
-            raise
-        return client
+        return cls(url, timeout, token, ca_cert, tls)._checked()
 
     @classmethod
     def local(cls, model_repository: str | Path, timeout: float = 30.0, triton_url: str | None = None) -> "SalfClient":
@@ -76,13 +70,16 @@ class SalfClient:
             raise GatewayUnavailable(f"running without --url needs the serving extra (pip install '.[serve]'): {exc}") from exc
         server = GatewayServer(ServeConfig(model_repository=Path(model_repository), triton_url=triton_url,
                                            host="127.0.0.1", port=0, metrics_port=None, max_workers=4)).start()
-        client = cls(f"127.0.0.1:{server.port}", timeout, _server=server)
+        return cls(f"127.0.0.1:{server.port}", timeout, _server=server)._checked()
+
+    def _checked(self) -> "SalfClient":
+        """``self`` after :meth:`check`; closed (and its in-process gateway stopped) if the check fails."""
         try:
-            client.check()
+            self.check()
         except BaseException:
-            client.close()
+            self.close()
             raise
-        return client
+        return self
 
     def check(self) -> None:
         """Fail fast (STYLE 9): the gateway is live, its model metadata readable, its backend ready.
