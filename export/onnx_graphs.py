@@ -27,15 +27,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from salf.contract.repository import CBM_INPUTS, CBM_OUTPUTS, HEAD_INPUTS, HEAD_OUTPUTS
 from training.model import SalfCBM, SalfHead, normalize_uint8
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-CBM_INPUTS = ("image",)
-CBM_OUTPUTS = ("concept_maps", "concept_scores", "logits")
-HEAD_INPUTS = ("concept_maps",)
-HEAD_OUTPUTS = ("concept_scores", "logits")
 
 
 class ExportError(RuntimeError):

@@ -31,9 +31,10 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from salf.contract.repository import CBM_OUTPUTS, CONCEPT_MAPS, HEAD_OUTPUTS, IMAGE
 from training.model import SalfCBM
 
-from .onnx_graphs import CBM_OUTPUTS, HEAD_OUTPUTS, ExportError, UInt8SalfCBM
+from .onnx_graphs import ExportError, UInt8SalfCBM
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +61,14 @@ class Tolerance:
 
 
 def load_images(paths: Iterable[str | Path], input_size: tuple[int, int]) -> np.ndarray:
-    """Decode images the way every part does (docs/DESIGN.md): Pillow, RGB, bilinear resize to
-    ``(H, W)``; returns uint8 ``[N, H, W, 3]``."""
-    from PIL import Image
+    """Decode images the way every part does (``salf.contract.images``); returns uint8 ``[N, H, W, 3]``."""
+    from salf.contract.images import ImageDecodeError, load_image
 
-    h, w = (int(v) for v in input_size)
     out = []
     for path in paths:
         try:
-            with Image.open(path) as im:
-                out.append(np.asarray(im.convert("RGB").resize((w, h), Image.BILINEAR), dtype=np.uint8))
-        except (OSError, ValueError) as exc:
+            out.append(load_image(path, input_size))
+        except ImageDecodeError as exc:
             raise ValueError(f"cannot read parity image {path}: {exc}") from exc
     if not out:
         raise ValueError("no parity images given")
@@ -139,7 +137,7 @@ def _compare_batch(set_name: str, batch: np.ndarray, model: SalfCBM, wrapped: UI
     with torch.no_grad():
         maps, scores, logits = (t.numpy() for t in wrapped(torch.from_numpy(batch)))
         h_scores, h_logits = (t.numpy() for t in model.head(torch.from_numpy(maps)))
-    got = dict(zip(CBM_OUTPUTS, cbm.run(list(CBM_OUTPUTS), {"image": batch})))
+    got = dict(zip(CBM_OUTPUTS, cbm.run(list(CBM_OUTPUTS), {IMAGE: batch})))
     prefix = f"{set_name}/salf_cbm"
     _compare(f"{prefix}/concept_maps", got["concept_maps"], maps, tol.maps_bound(maps), figures, ratios, failures)
     if got["concept_maps"].shape == maps.shape:
@@ -147,7 +145,7 @@ def _compare_batch(set_name: str, batch: np.ndarray, model: SalfCBM, wrapped: UI
         s_bound, l_bound = _head_bounds(scores, logits, model, tol, pooled_err)
         _compare(f"{prefix}/concept_scores", got["concept_scores"], scores, s_bound, figures, ratios, failures)
         _compare(f"{prefix}/logits", got["logits"], logits, l_bound, figures, ratios, failures)
-    got_head = dict(zip(HEAD_OUTPUTS, head.run(list(HEAD_OUTPUTS), {"concept_maps": maps})))
+    got_head = dict(zip(HEAD_OUTPUTS, head.run(list(HEAD_OUTPUTS), {CONCEPT_MAPS: maps})))
     s_bound, l_bound = _head_bounds(h_scores, h_logits, model, tol)
     prefix = f"{set_name}/salf_head"
     _compare(f"{prefix}/concept_scores", got_head["concept_scores"], h_scores, s_bound, figures, ratios, failures)

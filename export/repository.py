@@ -14,7 +14,6 @@ plain files at the top level (it loads only sub-directories; checked with the re
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -22,26 +21,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
+from salf.contract import repository as contract
+from salf.contract.files import atomic_write_json, sha256_file
+from salf.contract.repository import (CBM_MODEL, CLASSES_FILE, CONCEPTS_FILE, HEAD_FILE, HEAD_MODEL, MODEL_VERSION,
+                                      MODELS, ONNX_FILE, PYTHON_MODEL_FILE, HeadArrays, read_metadata)
+from training.bundle import BundleMeta, load_bundle, read_meta
 
-from training.bundle import BundleMeta, load_bundle, read_meta, sha256_file
-
-from .onnx_graphs import CBM_INPUTS, OPSET, ExportError, export_cbm, export_head, graph_summary
+from .onnx_graphs import OPSET, ExportError, export_cbm, export_head, graph_summary
 from .triton_config import FLAVOURS, TensorSpec, TritonOptions, model_config, write_config
 
 log = logging.getLogger(__name__)
 
-REPO_FORMAT_VERSION = 1
-CBM_MODEL = "salf_cbm"
-HEAD_MODEL = "salf_head"
-MODELS = (CBM_MODEL, HEAD_MODEL)
-METADATA_FILE = "salf_model.json"
-CONCEPTS_FILE = "concepts.json"
-CLASSES_FILE = "classes.json"
-HEAD_FILE = "head.safetensors"
-ONNX_FILE = "model.onnx"
-PYTHON_MODEL_FILE = "model.py"
-VERSION = "1"
 _TEMPLATE = Path(__file__).with_name("python_backend_model.py")
 
 
@@ -84,51 +74,24 @@ def graph_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 
 # --------------------------------------------------------------------------- metadata
-def _write_json(path: Path, doc) -> None:
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-
-
-def write_head(path: Path, model) -> None:
-    """``head.safetensors``: ``head.weight [L, M]``, ``head.bias [L]``, ``concept_mean [M]``,
-    ``concept_std [M]``, float32, readable with ``safetensors.numpy`` (no torch in the gateway)."""
-    from safetensors.numpy import save_file
-
+def head_arrays(model) -> HeadArrays:
+    """The head of a :class:`~training.model.SalfCBM` as the contract's float32 numpy arrays."""
     head = model.head
-    tensors = {
-        "head.weight": head.linear.weight.detach().cpu().numpy(),
-        "head.bias": head.linear.bias.detach().cpu().numpy(),
-        "concept_mean": head.concept_mean.detach().cpu().numpy(),
-        "concept_std": head.concept_std.detach().cpu().numpy(),
-    }
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(path))
+    return HeadArrays(*(t.detach().cpu().numpy() for t in (head.linear.weight, head.linear.bias,
+                                                            head.concept_mean, head.concept_std)))
 
 
 def _metadata(meta: BundleMeta, bundle_doc: dict, flavour: str, models: dict, head_sha: str,
               parity: dict | None, options: TritonOptions) -> dict:
     spec = meta.backbone
-    return {
-        "format_version": REPO_FORMAT_VERSION,
-        "flavour": flavour,
-        "input": {"name": CBM_INPUTS[0], "dtype": "uint8", "layout": "NHWC"},
-        "input_size": [int(v) for v in spec.input_size],
-        "mean": [float(v) for v in spec.mean],
-        "std": [float(v) for v in spec.std],
-        "grid": [int(g) for g in meta.grid],
-        "radius": int(meta.radius),
-        "pooling": meta.pooling,
-        "concepts": list(meta.concepts),
-        "classes": list(meta.classes),
-        "backbone": {"arch": spec.arch, "layer": spec.layer},
-        "clip": meta.clip,
-        "max_batch_size": int(options.max_batch_size),
-        "opset": OPSET,
-        "models": {name: {"onnx": f"{name}/{VERSION}/{ONNX_FILE}", "sha256": info["sha256"],
-                          "exporter": info["exporter"],
-                          "inputs": info["inputs"], "outputs": info["outputs"]} for name, info in models.items()},
-        "head": {"file": HEAD_FILE, "sha256": head_sha},
-        "bundle": {"weights_sha256": bundle_doc["weights"]["sha256"], "metrics": meta.metrics},
-        "parity": parity,
-    }
+    return contract.metadata_document(
+        flavour=flavour, input_size=spec.input_size, mean=spec.mean, std=spec.std, grid=meta.grid,
+        radius=meta.radius, pooling=meta.pooling, concepts=meta.concepts, classes=meta.classes,
+        backbone={"arch": spec.arch, "layer": spec.layer}, clip=meta.clip, max_batch_size=options.max_batch_size,
+        opset=OPSET, models={name: {"sha256": info["sha256"], "exporter": info["exporter"], "inputs": info["inputs"],
+                                    "outputs": info["outputs"]} for name, info in models.items()},
+        head_sha256=head_sha, bundle_weights_sha256=bundle_doc["weights"]["sha256"], metrics=meta.metrics,
+        parity=parity)
 
 
 # --------------------------------------------------------------------------- flavours
@@ -141,21 +104,20 @@ def write_flavour(repo_dir: str | Path, flavour: str, options: TritonOptions | N
     repo = Path(repo_dir)
     for name in MODELS:
         model_dir = repo / name
-        onnx_path = model_dir / VERSION / ONNX_FILE
+        onnx_path = model_dir / MODEL_VERSION / ONNX_FILE
         if not onnx_path.is_file():
             raise ExportError(f"{onnx_path} is missing: export the bundle first")
         inputs, outputs = graph_io(onnx_path)
         write_config(model_dir, model_config(name, flavour, inputs, outputs, opts))
-        script = model_dir / VERSION / PYTHON_MODEL_FILE
+        script = model_dir / MODEL_VERSION / PYTHON_MODEL_FILE
         if flavour == "python":
             shutil.copyfile(_TEMPLATE, script)
         elif script.exists():
             script.unlink()
-    meta_path = repo / METADATA_FILE
-    if meta_path.is_file():
-        doc = json.loads(meta_path.read_text())
+    if (repo / contract.METADATA_FILE).is_file():
+        doc = read_metadata(repo)
         doc["flavour"] = flavour
-        _write_json(meta_path, doc)
+        contract.write_metadata(repo, doc)
 
 
 # --------------------------------------------------------------------------- export
@@ -170,7 +132,7 @@ def _install(staging: Path, out: Path) -> None:
         os.replace(entry, target)
 
 
-def _real_images(paths, input_size) -> np.ndarray | None:
+def _real_images(paths, input_size):
     from .parity import find_images, load_images
 
     if paths is None:
@@ -183,7 +145,7 @@ def _real_images(paths, input_size) -> np.ndarray | None:
 def _model_entry(out: Path, name: str, path: Path, exporter: str) -> dict:
     """What the report and ``salf_model.json`` say about one exported graph."""
     specs_in, specs_out = graph_io(path)
-    return {"onnx": str(out / name / VERSION / ONNX_FILE), "sha256": sha256_file(path), "exporter": exporter,
+    return {"onnx": str(out / name / MODEL_VERSION / ONNX_FILE), "sha256": sha256_file(path), "exporter": exporter,
             "config": str(out / name / "config.pbtxt"), "graph": graph_summary(path),
             "inputs": {t.name: {"dtype": t.dtype, "dims": [-1, *t.dims]} for t in specs_in},
             "outputs": {t.name: {"dtype": t.dtype, "dims": [-1, *t.dims]} for t in specs_out}}
@@ -192,11 +154,11 @@ def _model_entry(out: Path, name: str, path: Path, exporter: str) -> dict:
 def _write_side_files(staging: Path, model, meta: BundleMeta, bundle_doc: dict, flavour: str, models: dict,
                       parity: dict | None, options: TritonOptions) -> None:
     """``head.safetensors``, ``concepts.json``, ``classes.json`` and ``salf_model.json``."""
-    write_head(staging / HEAD_FILE, model)
-    _write_json(staging / CONCEPTS_FILE, list(meta.concepts))
-    _write_json(staging / CLASSES_FILE, list(meta.classes))
-    doc = _metadata(meta, bundle_doc, flavour, models, sha256_file(staging / HEAD_FILE), parity, options)
-    _write_json(staging / METADATA_FILE, doc)
+    contract.write_head(staging / HEAD_FILE, head_arrays(model))
+    atomic_write_json(staging / CONCEPTS_FILE, list(meta.concepts))
+    atomic_write_json(staging / CLASSES_FILE, list(meta.classes))
+    contract.write_metadata(staging, _metadata(meta, bundle_doc, flavour, models, sha256_file(staging / HEAD_FILE),
+                                               parity, options))
 
 
 def export_repository(bundle_dir: str | Path, out_dir: str | Path, flavour: str = "onnxruntime",
@@ -224,7 +186,7 @@ def export_repository(bundle_dir: str | Path, out_dir: str | Path, flavour: str 
     staging = out / f".export-staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        paths = {name: staging / name / VERSION / ONNX_FILE for name in MODELS}
+        paths = {name: staging / name / MODEL_VERSION / ONNX_FILE for name in MODELS}
         exporters = {CBM_MODEL: export_cbm(model, spec.mean, spec.std, spec.input_size, paths[CBM_MODEL],
                                            exporter=exporter),
                      HEAD_MODEL: export_head(model.head, len(meta.concepts), meta.grid, paths[HEAD_MODEL],
@@ -248,8 +210,5 @@ def export_repository(bundle_dir: str | Path, out_dir: str | Path, flavour: str 
 
 
 def read_repository_metadata(repo_dir: str | Path) -> dict:
-    """``salf_model.json`` of an exported repository (what the gateway reads)."""
-    path = Path(repo_dir) / METADATA_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: not an exported SALF-CBM repository")
-    return json.loads(path.read_text())
+    """``salf_model.json`` of an exported repository, validated (what the gateway reads)."""
+    return read_metadata(repo_dir)

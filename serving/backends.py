@@ -17,15 +17,12 @@ from typing import Callable
 
 import numpy as np
 
+from salf.contract.repository import (CBM_MODEL, CBM_OUTPUTS, CONCEPT_MAPS as HEAD_INPUT, HEAD_MODEL, HEAD_OUTPUTS,
+                                      IMAGE as CBM_INPUT, ModelSpec)
+
 from .errors import BackendUnavailable, DeadlineExceeded
-from .repository import CBM_MODEL, HEAD_MODEL, ModelSpec
 
 log = logging.getLogger(__name__)
-
-CBM_INPUT = "image"
-CBM_OUTPUTS = ("concept_maps", "concept_scores", "logits")
-HEAD_INPUT = "concept_maps"
-HEAD_OUTPUTS = ("concept_scores", "logits")
 
 LatencyObserver = Callable[[str, str, float], None]  # (backend, model, seconds)
 

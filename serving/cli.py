@@ -32,7 +32,7 @@ def serve(
 ) -> None:
     """Serve the gateway: embedded onnxruntime by default, or Triton with --triton."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .repository import RepositoryError
+    from salf.contract.repository import RepositoryError
     from .server import GatewayServer, ServeConfig
 
     if (tls_cert is None) != (tls_key is None):

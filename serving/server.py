@@ -22,7 +22,7 @@ from .backends import Backend, EmbeddedBackend, TritonBackend
 from .cache import TTLCache
 from .images import encode_png
 from .metrics import GatewayMetrics
-from .repository import load_model_spec
+from salf.contract.repository import load_model_spec
 from .service import ClassScore, Contribution, Activation, Edit, Gateway, Region
 
 log = logging.getLogger(__name__)

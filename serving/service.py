@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import explain
+from salf.contract import explain
 from .backends import Backend
 from .cache import TTLCache
 from .errors import InvalidArgument, NotFound
 from .images import box_mask, decode_image, decode_mask, points_mask, require_nonempty
-from .repository import ModelSpec
+from salf.contract.repository import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from .backbones import Backbone, BackboneSpec, build_backbone
 from .config import BackboneTrainCfg
-from .head import resolve_device
+from .runtime import atomic_write_json, progress as progress_bar, resolve_device, save_tensors, seed_everything
 from .model import normalize_uint8
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,7 @@ def train_backbone(spec: BackboneSpec, dataset, num_classes: int, cfg: BackboneT
     if cfg.epochs < 1:
         raise ValueError("backbone_train.epochs must be >= 1")
     dev = resolve_device(device)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen = seed_everything(seed)
     model = _Classifier(build_backbone(spec), num_classes).to(dev)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=gen,
                                          num_workers=num_workers, drop_last=len(dataset) > cfg.batch_size)
@@ -81,11 +80,7 @@ def train_backbone(spec: BackboneSpec, dataset, num_classes: int, cfg: BackboneT
                                                 pct_start=0.15)
     pad = max(1, spec.input_size[0] // 16) if cfg.augment else 0
     start = time.perf_counter()
-    epochs = range(cfg.epochs)
-    if progress:
-        from tqdm import tqdm
-
-        epochs = tqdm(epochs, desc="backbone", unit="epoch", leave=False)
+    epochs = progress_bar(range(cfg.epochs), "backbone", progress, unit="epoch")
     correct = seen = 0
     for _ in epochs:
         model.train()
@@ -115,21 +110,11 @@ def train_backbone(spec: BackboneSpec, dataset, num_classes: int, cfg: BackboneT
 
 def save_backbone(backbone: Backbone, out_dir: str | Path, info: dict) -> Path:
     """Write the adapter's weights (atomically) and ``backbone.json``; returns the weights path."""
-    from safetensors.torch import save_file
-
-    from .bundle import sha256_file
-
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}, str(tmp))
     path = out / WEIGHTS_FILE
-    tmp.replace(path)
+    record = save_tensors(path, backbone.state_dict())
     spec = replace(backbone.spec, weights=str(path.resolve()))
-    doc = {"spec": spec.to_dict(), "sha256": sha256_file(path), "training": info}
-    tmp_meta = out / (META_FILE + ".tmp")
-    tmp_meta.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp_meta.replace(out / META_FILE)
+    atomic_write_json(out / META_FILE, {"spec": spec.to_dict(), "sha256": record["sha256"], "training": info})
     return path
 
 

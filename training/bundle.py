@@ -12,7 +12,6 @@ Tensor names in ``weights.safetensors``:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from .backbones import BackboneSpec, build_backbone
 from .model import SalfCBM
+from .runtime import atomic_write_json, save_tensors, sha256_file
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
@@ -79,14 +79,6 @@ class BundleMeta:
         )
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def model_state(model: SalfCBM) -> dict[str, torch.Tensor]:
     state = {f"backbone.{k}": v for k, v in model.backbone.state_dict().items()}
     state["cbl.weight"] = model.cbl.conv.weight
@@ -106,20 +98,13 @@ def build_model(meta: BundleMeta) -> SalfCBM:
 
 def save_bundle(out_dir: str | Path, model: SalfCBM, meta: BundleMeta) -> Path:
     """Write the bundle atomically-per-file; returns ``out_dir``."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     m, l = len(meta.concepts), len(meta.classes)
     if tuple(model.head.linear.weight.shape) != (l, m):
         raise BundleError(f"head weight is {tuple(model.head.linear.weight.shape)}, metadata says ({l}, {m})")
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(model_state(model), str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
-    tmp.replace(out / WEIGHTS_FILE)
-    doc = meta.to_json(sha256_file(out / WEIGHTS_FILE))
-    tmp_meta = out / (META_FILE + ".tmp")
-    tmp_meta.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp_meta.replace(out / META_FILE)
+    record = save_tensors(out / WEIGHTS_FILE, model_state(model), metadata={"format_version": str(FORMAT_VERSION)})
+    atomic_write_json(out / META_FILE, meta.to_json(record["sha256"]))
     return out
 
 

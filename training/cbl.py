@@ -23,9 +23,10 @@ import torch
 
 from .config import CBLCfg
 from .features import FeatureCache
-from .head import resolve_device, small_op_threads
+from .head import small_op_threads
 from .losses import cbl_loss
 from .model import ConceptBottleneck
+from .runtime import progress as progress_bar, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -141,17 +142,12 @@ def _train_cbl(cache: FeatureCache, source, split: ValSplit, cfg: CBLCfg, seed: 
     if hasattr(source, "__len__") and len(source) != len(cache):
         raise ValueError(f"the similarity source covers {len(source)} images but the feature cache {len(cache)}; "
                          f"both must be built from the same training split")
-    torch.manual_seed(seed)
+    gen = seed_everything(seed)
     cbl = ConceptBottleneck(cache.feature_dim, len(concepts), grid).to(dev)
     opt = torch.optim.Adam(cbl.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
     best_loss, best_state, best_epoch, bad = math.inf, copy.deepcopy(cbl.state_dict()), 0, 0
     history: list[dict] = []
-    epochs = range(1, cfg.epochs + 1)
-    if progress:
-        from tqdm import tqdm
-
-        epochs = tqdm(epochs, desc="cbl", unit="epoch", leave=False)
+    epochs = progress_bar(range(1, cfg.epochs + 1), "cbl", progress, unit="epoch")
     for epoch in epochs:
         cbl.train()
         total, batches = 0.0, 0

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .features import FeatureCache
 from .head import HeadFit, accuracy
 from .model import SalfCBM, normalize_uint8, pool_maps, resize_to_grid
+from .runtime import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +176,7 @@ def evaluate(model: SalfCBM, concepts: list[str], dataset, dense: HeadFit | None
     correct = dense_correct = seen = 0
     example = None
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    if progress:
-        from tqdm import tqdm
-
-        loader = tqdm(loader, desc="evaluate", unit="batch", leave=False)
+    loader = progress_bar(loader, "evaluate", progress, unit="batch")
     for images, labels in loader:
         x = normalize_uint8(images, spec.mean, spec.std).to(device)
         feats = model.backbone(x)

@@ -1,13 +1,15 @@
-"""Test-time explanations of one image (paper 3.5): predicted class, top concepts by contribution
-``W[l, m] * c*_m`` (c* standardised, paper eq. 4), and where each concept is strongest on the grid."""
+"""Test-time explanation of one image for the training report (paper 3.5): predicted class, top concepts
+by contribution ``W[l, m] * c*_m`` (c* standardised, paper eq. 4) and where each concept is strongest on
+the grid. The ranking is the gateway's (:func:`salf.contract.explain.top_contributors`)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
-from .grid import grid_points
-from .model import SalfCBM, normalize_uint8
+from salf.contract import explain as math
+from salf.contract.grid import grid_points
 
 
 @dataclass
@@ -42,33 +44,21 @@ def explain_maps(maps: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor,
                  concepts: list[str], classes: list[str], input_size: tuple[int, int], k: int = 3,
                  target: int | None = None) -> Explanation:
     """Explain one image from its outputs: ``maps [M, Gh, Gw]``, ``scores [M]``, ``logits [L]``, head
-    ``weight [L, M]``. ``target``: class to explain (default: the predicted one). Top-``k`` by
-    absolute contribution, so strong negative evidence shows too."""
+    ``weight [L, M]``. ``target``: class to explain (default: the predicted one). The top-``k`` concepts
+    with a non-zero weight for the class, by absolute contribution (strong negative evidence shows too)."""
+    maps, scores, logits, weight = (t.detach().cpu().numpy() for t in (maps, scores, logits, weight))
     label = int(logits.argmax()) if target is None else int(target)
     if not 0 <= label < len(classes):
         raise ValueError(f"class index {label} out of range for {len(classes)} classes")
-    contrib = weight[label] * scores
-    order = contrib.abs().argsort(descending=True)[: min(k, len(concepts))]
+    contrib = math.contributions(weight, scores, label)
     gh, gw = maps.shape[-2:]
     points = grid_points(tuple(input_size), (gh, gw))
     top = []
-    for m in order.tolist():
-        cell = int(maps[m].flatten().argmax())
+    for m in math.top_contributors(weight, scores, label, k):
+        cell = int(np.argmax(maps[m]))
         top.append(ConceptContribution(concepts[m], float(contrib[m]), float(scores[m]), (cell // gw, cell % gw),
                                        tuple(int(v) for v in points[cell])))
-    prob = float(torch.softmax(logits, dim=0)[label])
-    return Explanation(classes[label], label, prob, top)
+    return Explanation(classes[label], label, float(math.softmax(logits)[label]), top)
 
 
-@torch.no_grad()
-def explain_image(model: SalfCBM, image_uint8: torch.Tensor, concepts: list[str], classes: list[str],
-                  k: int = 3) -> Explanation:
-    """``image_uint8``: ``[H, W, 3]`` at the model's input size (DESIGN preprocessing)."""
-    spec = model.backbone.spec
-    x = normalize_uint8(image_uint8[None], spec.mean, spec.std).to(next(model.parameters()).device)
-    maps, scores, logits = model.eval()(x)
-    return explain_maps(maps[0].cpu(), scores[0].cpu(), logits[0].cpu(), model.head.linear.weight.detach().cpu(),
-                        concepts, classes, spec.input_size, k)
-
-
-__all__ = ["ConceptContribution", "Explanation", "explain_image", "explain_maps"]
+__all__ = ["ConceptContribution", "Explanation", "explain_maps"]

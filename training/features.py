@@ -2,7 +2,8 @@
 
 Layout of a cache folder (``RUN/features/<split>/``)::
 
-    manifest.json              {"version", "key", "count", "shape": [D, Gh, Gw], "dtype", "shards": [...]}
+    manifest.json              {"version", "key", "count", "shape": [D, Gh, Gw], "dtype",
+                                "shards": [{"file", "start", "count", "bytes", "sha256"}]}
     shard-00000.safetensors    "features" [n, D, Gh, Gw] (fp16 by default), "labels" [n] int64, "indices" [n]
 
 Features are stored already resized to the prompting grid (what the CBL consumes), so a shard of
@@ -10,7 +11,9 @@ Features are stored already resized to the prompting grid (what the CBL consumes
 a temporary name and renamed, and the manifest is written last: a cache is complete exactly when its
 manifest exists and its ``key`` (backbone, weights checksum, grid, split, image count, and the
 images' name/size/mtime fingerprint) matches.
-Readers stream one shard at a time, so memory does not grow with the number of images.
+Readers stream one shard at a time, so memory does not grow with the number of images, and check each
+shard's size and SHA-256 against the manifest as they read it (the guarantee the CLIP embedding cache
+gives too: a truncated or corrupted shard is an error, never silently wrong features).
 """
 from __future__ import annotations
 
@@ -25,30 +28,17 @@ import torch
 
 from .backbones import Backbone
 from .model import normalize_uint8, resize_to_grid
+from .runtime import ChecksumError, atomic_write_json, load_tensors, progress as progress_bar, save_tensors
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: shard checksums in the manifest
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class FeatureCacheError(RuntimeError):
     """A feature cache is missing, incomplete or of another configuration."""
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
 
 
 @torch.no_grad()
@@ -83,10 +73,7 @@ def build_feature_cache(backbone: Backbone, dataset, grid: tuple[int, int], out_
     for stale in out.glob("shard-*.safetensors"):
         stale.unlink()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    if progress:
-        from tqdm import tqdm
-
-        loader = tqdm(loader, desc=f"features {out.name}", unit="batch", leave=False)
+    loader = progress_bar(loader, f"features {out.name}", progress, unit="batch")
     backbone.eval()
     shards: list[dict] = []
     buf_f: list[torch.Tensor] = []
@@ -99,9 +86,9 @@ def build_feature_cache(backbone: Backbone, dataset, grid: tuple[int, int], out_
         nonlocal buf_f, buf_y, pending, start
         feats, labels = torch.cat(buf_f), torch.cat(buf_y)
         name = f"shard-{len(shards):05d}.safetensors"
-        _save_shard(out / name, {"features": feats, "labels": labels,
-                                 "indices": torch.arange(start, start + len(labels))})
-        shards.append({"file": name, "start": start, "count": int(len(labels))})
+        record = save_tensors(out / name, {"features": feats, "labels": labels,
+                                           "indices": torch.arange(start, start + len(labels))})
+        shards.append({**record, "start": start, "count": int(len(labels))})
         start += len(labels)
         buf_f, buf_y, pending = [], [], 0
 
@@ -121,7 +108,7 @@ def build_feature_cache(backbone: Backbone, dataset, grid: tuple[int, int], out_
         flush()
     manifest = {"version": CACHE_VERSION, "key": full_key, "count": start, "shape": shape, "dtype": dtype,
                 "shards": shards}
-    _atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    atomic_write_json(out / MANIFEST, manifest, indent=1)
     log.info("cached features of %d images in %d shard(s) at %s", start, len(shards), out)
     return FeatureCache(out)
 
@@ -172,13 +159,15 @@ class FeatureCache:
         return int(self.shape[0])
 
     def _load(self, shard: dict) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
         name = shard["file"]
         if name in self._lru:
             self._lru.move_to_end(name)
             return self._lru[name]
-        data = load_file(str(self.folder / name))
+        try:
+            data = load_tensors(self.folder, shard)
+        except ChecksumError as exc:
+            raise FeatureCacheError(f"feature cache {self.folder}: {exc}; delete the folder and rerun "
+                                    f"`salfctl train cbl` to rebuild it") from exc
         if self.memory_shards > 0:
             self._lru[name] = data
             while len(self._lru) > self.memory_shards:

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .runtime import progress as progress_bar, resolve_device
+
 log = logging.getLogger(__name__)
 
 
@@ -72,13 +74,6 @@ class HeadFit:
             "train_accuracy": self.train_accuracy, "val_accuracy": self.val_accuracy,
             "path": [asdict(p) for p in self.path],
         }
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/``None`` -> CUDA when available, else CPU; anything else as given."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def standardisation(x: torch.Tensor, min_std: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,12 +231,7 @@ def fit_path(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float, t
     lams = [lmax * min_ratio ** (k / max(path_length - 1, 1)) for k in range(path_length)]
     init = None
     points: list[tuple[PathPoint, SolverResult]] = []
-    iterator = lams
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(lams, desc="head path", unit="lam", leave=False)
-    for lam in iterator:
+    for lam in progress_bar(lams, "head path", progress, unit="lam"):
         res = fit_elastic_net(x, y, num_classes, lam, alpha, init, max_iters, tol, device)
         init = (res.weight, res.bias)
         nz = res.weight != 0
@@ -276,4 +266,4 @@ def fit_dense(x: torch.Tensor, y: torch.Tensor, num_classes: int, lam: float = 1
 
 
 __all__ = ["HeadFit", "PathPoint", "SolverResult", "accuracy", "fit_dense", "fit_elastic_net", "fit_path",
-           "lambda_max", "objective", "resolve_device", "standardisation"]
+           "lambda_max", "objective", "standardisation"]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .data.folder import DatasetError, ImageFolderSplit
-from .grid import disk_matrix
+from salf.contract.grid import disk_matrix
 
 log = logging.getLogger(__name__)
 

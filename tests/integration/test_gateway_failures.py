@@ -86,7 +86,7 @@ def test_readiness_follows_the_backend(exported_repo):
 def test_triton_backend_gets_the_deadline(triton_server, exported_repo):
     from serving.backends import TritonBackend
     from serving.errors import DeadlineExceeded
-    from serving.repository import load_model_spec
+    from salf.contract.repository import load_model_spec
 
     spec = load_model_spec(exported_repo)
     backend = TritonBackend(spec, triton_server.grpc_url)
@@ -102,7 +102,7 @@ def test_triton_backend_gets_the_deadline(triton_server, exported_repo):
 def test_embedded_backend_cancels_a_run_past_its_deadline(exported_repo):
     from serving.backends import EmbeddedBackend
     from serving.errors import DeadlineExceeded
-    from serving.repository import load_model_spec
+    from salf.contract.repository import load_model_spec
 
     spec = load_model_spec(exported_repo)
     backend = EmbeddedBackend(spec)
@@ -204,7 +204,7 @@ def test_each_backend_call_gets_what_is_left_of_the_deadline(exported_repo):
     from serving.backends import EmbeddedBackend
     from serving.cache import TTLCache
     from serving.images import encode_png
-    from serving.repository import load_model_spec
+    from salf.contract.repository import load_model_spec
     from serving.service import Edit, Gateway, Region
 
     class SlowBackend(EmbeddedBackend):

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from training.clip.prompts import draw_circle_pil, prompts_normalized, prompts_uint8, ring_stencil
-from training.grid import grid_points
+from salf.contract.grid import grid_points
 
 pytestmark = pytest.mark.timeout(60)
 

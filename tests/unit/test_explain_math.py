@@ -1,4 +1,4 @@
-"""serving/explain.py against PyTorch (the reference for bilinear upsampling) and brute force.
+"""salf/contract/explain.py against PyTorch (the reference for bilinear upsampling) and brute force.
 
 Torch is imported here only: the tests may use it, serving/ may not.
 """
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from serving import explain
+from salf.contract import explain
 
 
 def _torch_upsample(maps: np.ndarray, size) -> np.ndarray:

@@ -1,8 +1,8 @@
-"""Grid geometry (training/grid.py): centres, row-major order, disks against a pixel-level reference."""
+"""Grid geometry (salf/contract/grid.py): centres, row-major order, disks against a pixel-level reference."""
 import numpy as np
 import pytest
 
-from training.grid import disk_mask, disk_matrix, grid_centres, grid_points
+from salf.contract.grid import disk_mask, disk_matrix, grid_centres, grid_points
 
 
 def test_centres_paper_default():

@@ -8,7 +8,7 @@ from PIL import Image
 
 from training.data.folder import DatasetError
 from training.data.synth import save_masks_npz
-from training.grid import disk_mask, grid_points
+from salf.contract.grid import disk_mask, grid_points
 from training.similarity import MaskSimilarity, SimilaritySource
 
 

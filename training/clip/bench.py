@@ -26,7 +26,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from training.grid import grid_points
+from salf.contract.grid import grid_points
+from salf.contract.images import load_image
 
 from .encode import ClipEncoder, load_clip
 from .prompts import draw_circle_pil
@@ -47,8 +48,7 @@ def naive_prompt_embeddings(paths: Sequence[str | Path], encoder: ClipEncoder, g
     std = torch.tensor(encoder.std).view(1, 3, 1, 1)
     out = []
     for path in paths:
-        with Image.open(path) as im:
-            image = im.convert("RGB").resize((w, h), Image.BILINEAR)
+        image = Image.fromarray(load_image(path, (h, w)))
         prompts = [np.asarray(draw_circle_pil(image, c, radius)) for c in centres]
         x = torch.from_numpy(np.stack(prompts)).permute(0, 3, 1, 2).to(torch.float32)
         x = ((x / 255.0 - mean) / std).to(encoder.device)

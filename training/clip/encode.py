@@ -7,7 +7,6 @@ never downloads. ``pretrained=None`` builds a randomly initialised model (tests,
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from contextlib import nullcontext
@@ -17,6 +16,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from training.runtime import resolve_device, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,6 @@ def register_local_configs() -> None:
 
         open_clip.add_model_config(CONFIG_DIR)
         _configs_registered = True
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _cached_tag_file(model: str, tag: str, cache_dir: str | None) -> tuple[str | None, dict, str]:
@@ -95,15 +88,6 @@ def resolve_weights(model: str, pretrained: str | None, cache_dir: str | None = 
     raise ClipWeightsNotFoundError(
         f"CLIP weights file {pretrained!r} not found (and it is not a known open_clip tag of {model!r}); "
         f"nothing is downloaded: pass an existing local weights file")
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -18,10 +18,12 @@ import torch
 
 from training.config import SalfConfig
 from training.data.folder import DatasetError, ImageFolderSplit, read_dataset_info
+from training.runtime import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 from .concepts import FilterResult, FilterSettings, filter_concepts
 from .encode import ClipEncoder, load_clip
-from .similarities import atomic_write, compute_prompt_embeddings, default_workers, image_batches, images_digest
+
+from .similarities import compute_prompt_embeddings, default_workers, image_batches, images_digest
 from .source import ClipSimilarity, EmbeddingCache
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,7 @@ def whole_image_embeddings(encoder: ClipEncoder, paths: Sequence[Path], names: S
     emb = torch.cat(out)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(cache_file, save({"embeddings": emb.contiguous()}, metadata=key))
+        atomic_write_bytes(cache_file, save({"embeddings": emb.contiguous()}, metadata=key))
     return emb
 
 
@@ -122,11 +124,11 @@ def run_concept_stage(encoder: ClipEncoder, concepts: Sequence[str], classes: Se
                                            out_dir / "image_embeddings.safetensors", batch_size, num_workers)
     class_texts = [c.replace("_", " ") for c in classes]  # folder names use underscores for spaces
     result = filter_concepts(concepts, class_texts, encoder.encode_text, image_emb, settings)
-    atomic_write(out_dir / "concepts.txt", ("\n".join(result.kept) + "\n").encode("utf-8"))
+    atomic_write_text(out_dir / "concepts.txt", "\n".join(result.kept) + "\n")
     report = result.report(concepts, classes, settings)
     report["clip"] = {"model": encoder.name, "pretrained": encoder.pretrained,
                       "weights_sha256": encoder.weights_sha256}
-    atomic_write(out_dir / "report.json", (json.dumps(report, indent=1) + "\n").encode("utf-8"))
+    atomic_write_json(out_dir / "report.json", report, indent=1)
     log.info("concepts: %d kept, %d dropped -> %s", len(result.kept), len(result.dropped), out_dir)
     return result
 

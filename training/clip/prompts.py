@@ -2,7 +2,7 @@
 
 Ring definition. The circle of grid cell ``(h, w)`` is the set of pixels that Pillow paints for
 ``ImageDraw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=(255, 0, 0), width=2)`` on the image at
-the CLIP input resolution, where ``(cy, cx)`` is the cell centre from ``training/grid.py``. That is a
+the CLIP input resolution, where ``(cy, cx)`` is the cell centre from ``salf/contract/grid.py``. That is a
 ring of outer diameter ``2r + 1`` pixels, 2 pixels thick (the pixels at distance ``r`` and ``r - 1``
 along the axes), clipped to the image; up to a few boundary pixels (IoU > 0.9, tested) it is the
 annulus ``r - 1.5 < |p - c| <= r + 0.5``: pixel centres within half a pixel of the band [r - 1, r].
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from training.grid import grid_points
+from salf.contract.grid import grid_points
 
 RED = (255, 0, 0)
 LINE_WIDTH = 2

@@ -29,7 +29,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from training.grid import grid_points
+from salf.contract.grid import grid_points
+from training.runtime import ChecksumError, atomic_write_bytes, atomic_write_json, file_record, read_verified
 
 from .encode import ClipEncoder
 from .patch_reuse import PatchReuse, supports_patch_reuse
@@ -115,25 +116,6 @@ def record_file(index: int) -> str:
     return f"shard-{index:05d}.json"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader (or a kill) sees either nothing new or all of it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8")
-
-
 def shard_complete(out_dir: Path, index: int, start: int, stop: int) -> dict | None:
     """The shard's record if the shard on disk is complete and intact, else None (log says why)."""
     rec_path, path = out_dir / record_file(index), out_dir / shard_file(index)
@@ -148,8 +130,9 @@ def shard_complete(out_dir: Path, index: int, start: int, stop: int) -> dict | N
         log.warning("shard %d: record covers %s..%s, expected %d..%d; recomputing",
                     index, rec.get("start"), rec.get("stop"), start, stop)
         return None
-    data = path.read_bytes()
-    if len(data) != rec.get("bytes") or hashlib.sha256(data).hexdigest() != rec.get("sha256"):
+    try:
+        read_verified(out_dir, {**rec, "file": shard_file(index)})
+    except ChecksumError:
         log.warning("shard %d: %s is truncated or corrupted (size/checksum mismatch); recomputing", index, path)
         return None
     return rec
@@ -157,7 +140,7 @@ def shard_complete(out_dir: Path, index: int, start: int, stop: int) -> dict | N
 
 def load_image_uint8(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     """DESIGN.md preprocessing (the loaders' one definition): uint8 ``[H, W, 3]`` at ``size = (H, W)``."""
-    from training.data.folder import load_image
+    from salf.contract.images import load_image
 
     return load_image(path, size)
 
@@ -321,8 +304,8 @@ def _check_or_write_plan(out_dir: Path, spec: CacheSpec, rank: int, overwrite: b
         # Temporary files of a killed run are never part of the cache; no rank writes before this returns.
         for stale in out_dir.glob(".*.tmp-*"):
             stale.unlink()
-        atomic_write(manifest, _json_bytes({"format_version": FORMAT_VERSION, "spec": spec.to_dict(),
-                                           "complete": False, "shards": []}))
+        atomic_write_json(manifest, {"format_version": FORMAT_VERSION, "spec": spec.to_dict(),
+                                     "complete": False, "shards": []}, indent=1, sort_keys=True)
 
 
 # How the work is done, not what is computed (the rounding may differ, the quantities do not).
@@ -422,10 +405,9 @@ def _encode_shards(paths, encoder: ClipEncoder, out: Path, spec: CacheSpec, rang
 
 def _write_shard(out: Path, index: int, start: int, stop: int, emb: torch.Tensor) -> None:
     data = _shard_bytes(emb, start, stop)
-    atomic_write(out / shard_file(index), data)
-    record = {"index": index, "start": start, "stop": stop, "file": shard_file(index), "bytes": len(data),
-              "sha256": hashlib.sha256(data).hexdigest()}
-    atomic_write(out / record_file(index), _json_bytes(record))
+    atomic_write_bytes(out / shard_file(index), data)
+    record = {"index": index, "start": start, "stop": stop, **file_record(out / shard_file(index), data)}
+    atomic_write_json(out / record_file(index), record, indent=1, sort_keys=True)
     log.info("similarities: shard %d (images %d..%d) written", index, start, stop)
 
 
@@ -444,6 +426,6 @@ def _write_final_manifest(out: Path, spec: CacheSpec, ranges) -> None:
                 or path.stat().st_size != rec.get("bytes"):
             raise CacheError(f"shard {i} ({path}) is missing or incomplete after all ranks finished")
         records.append(rec)
-    atomic_write(out / MANIFEST, _json_bytes({"format_version": FORMAT_VERSION, "spec": spec.to_dict(),
-                                             "complete": True, "shards": records}))
+    atomic_write_json(out / MANIFEST, {"format_version": FORMAT_VERSION, "spec": spec.to_dict(),
+                                       "complete": True, "shards": records}, indent=1, sort_keys=True)
     log.info("similarities: cache complete in %s (%d images, %d shards)", out, spec.num_images, len(ranges))

@@ -6,7 +6,6 @@ prompt embeddings ``[N, Gh*Gw, D]`` (fp16 on disk) and the L2-normalised concept
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -14,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from training.runtime import ChecksumError, read_verified
 
 from .similarities import EMBEDDINGS_KEY, FORMAT_VERSION, MANIFEST, CacheError, CacheSpec, shard_ranges
 
@@ -65,11 +66,11 @@ class EmbeddingCache:
 
     def _verified_bytes(self, i: int) -> bytes:
         rec = self.shards[i]
-        data = (self.dir / rec["file"]).read_bytes()
-        if len(data) != rec["bytes"] or hashlib.sha256(data).hexdigest() != rec["sha256"]:
+        try:
+            return read_verified(self.dir, rec)
+        except ChecksumError as exc:
             raise CacheError(f"embedding shard {self.dir / rec['file']} is truncated or corrupted (checksum "
-                             f"mismatch); rerun `salfctl train similarities` to recompute it")
-        return data
+                             f"mismatch); rerun `salfctl train similarities` to recompute it") from exc
 
     def _read_shard(self, i: int) -> torch.Tensor:
         from safetensors.torch import load

@@ -3,8 +3,8 @@
 Index order (used by feature caches, similarity sources and embedding caches): sorted by
 (class index, file name). Classes come from ``classes.txt`` when present (index = label), else from
 the sorted union of class folder names over all splits, so labels agree between splits.
-Images are preprocessed exactly as DESIGN "Image preprocessing" says: Pillow decode,
-``convert("RGB")``, bilinear resize to ``input_size`` ``(H, W)``, uint8 ``[H, W, 3]``.
+Images are decoded and preprocessed by ``salf.contract.images`` (the gateway's and export's path too):
+upright (EXIF), RGB, bilinear resize to ``input_size`` ``(H, W)``, uint8 ``[H, W, 3]``.
 """
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
+
+from salf.contract.images import image_size, load_image
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +91,6 @@ def read_dataset_info(root: str | Path) -> DatasetInfo:
     return DatasetInfo(root=root, classes=classes, concepts=concepts, has_masks=has_masks,
                        name=str(meta.get("name", root.name)), image_size=tuple(size) if size else None,
                        seed=meta.get("seed"), splits=meta.get("splits"))
-
-
-def load_image(path: str | Path, input_size: tuple[int, int] | None = None) -> np.ndarray:
-    """DESIGN preprocessing: uint8 ``[H, W, 3]``, bilinear-resized to ``input_size`` ``(H, W)`` if given."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if input_size is not None and (im.height, im.width) != tuple(input_size):
-            im = im.resize((int(input_size[1]), int(input_size[0])), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8).copy()
 
 
 def resize_masks_nearest(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -212,5 +204,4 @@ class ImageFolderSplit(Dataset):
         return resize_masks_nearest(masks, size)
 
     def _image_size(self, i: int) -> tuple[int, int]:
-        with Image.open(self._paths[i]) as im:
-            return im.height, im.width
+        return image_size(self._paths[i])

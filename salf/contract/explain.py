@@ -1,4 +1,4 @@
-"""Explanation math of the gateway, plain numpy (paper 3.5-3.6). No gRPC, no torch.
+"""Explanation math, plain numpy (paper 3.5-3.6): the one definition the gateway and training use. No gRPC, no torch.
 
 Shapes: ``M`` concepts, ``L`` classes, ``Gh x Gw`` the concept-map grid, ``H x W`` the image's own
 size (heatmaps, regions).

@@ -1,0 +1,266 @@
+"""The exported model repository: layout, tensor names, metadata schema and format version.
+
+Export writes it (``export/repository.py``), the gateway reads it (``serving/``), Triton serves it;
+all three take every name from here, and :func:`validate_metadata` is the one check of
+``salf_model.json``, run by the writer before it writes and by the reader when it loads.
+
+```
+REPO/
+  salf_cbm/config.pbtxt  salf_cbm/1/model.onnx  [salf_cbm/1/model.py: python flavour]
+  salf_head/config.pbtxt salf_head/1/model.onnx [salf_head/1/model.py]
+  salf_model.json  concepts.json  classes.json  head.safetensors
+```
+
+- ``salf_cbm``: ``image`` UINT8 ``[-1, H, W, 3]`` -> ``concept_maps`` FP32 ``[-1, M, Gh, Gw]``,
+  ``concept_scores`` FP32 ``[-1, M]``, ``logits`` FP32 ``[-1, L]``.
+- ``salf_head``: ``concept_maps`` -> ``concept_scores``, ``logits`` (what intervention re-runs).
+- ``head.safetensors``: ``head.weight [L, M]``, ``head.bias [L]``, ``concept_mean [M]``,
+  ``concept_std [M]``, float32 (the gateway needs W for contributions and rules; read with
+  ``safetensors.numpy``, no torch).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import ContractError
+from .files import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+CBM_MODEL = "salf_cbm"
+HEAD_MODEL = "salf_head"
+MODELS = (CBM_MODEL, HEAD_MODEL)
+METADATA_FILE = "salf_model.json"
+CONCEPTS_FILE = "concepts.json"
+CLASSES_FILE = "classes.json"
+HEAD_FILE = "head.safetensors"
+ONNX_FILE = "model.onnx"
+PYTHON_MODEL_FILE = "model.py"
+CONFIG_FILE = "config.pbtxt"
+MODEL_VERSION = "1"
+
+# Tensor names of the two graphs (ONNX, Triton config, gateway requests).
+IMAGE = "image"
+CONCEPT_MAPS = "concept_maps"
+CONCEPT_SCORES = "concept_scores"
+LOGITS = "logits"
+CBM_INPUTS = (IMAGE,)
+CBM_OUTPUTS = (CONCEPT_MAPS, CONCEPT_SCORES, LOGITS)
+HEAD_INPUTS = (CONCEPT_MAPS,)
+HEAD_OUTPUTS = (CONCEPT_SCORES, LOGITS)
+
+# head.safetensors
+HEAD_WEIGHT = "head.weight"
+HEAD_BIAS = "head.bias"
+CONCEPT_MEAN = "concept_mean"
+CONCEPT_STD = "concept_std"
+
+POOLINGS = ("avg", "softmax")
+FLAVOURS = ("onnxruntime", "python")
+REQUIRED_KEYS = ("format_version", "input_size", "grid", "pooling", "concepts", "classes")
+
+
+class RepositoryError(ContractError):
+    """The model repository is missing, of an unsupported format, or inconsistent."""
+
+
+def onnx_relpath(model: str, version: str = MODEL_VERSION) -> str:
+    """``<model>/<version>/model.onnx``, relative to the repository root."""
+    return f"{model}/{version}/{ONNX_FILE}"
+
+
+# --------------------------------------------------------------------------- metadata
+def metadata_document(*, flavour: str, input_size, mean, std, grid, radius, pooling: str, concepts, classes,
+                      backbone: dict, clip, max_batch_size: int, opset: int, models: dict, head_sha256: str,
+                      bundle_weights_sha256: str, metrics: dict, parity: dict | None) -> dict:
+    """``salf_model.json`` as export writes it (validated with :func:`validate_metadata`).
+
+    ``models``: per model name, ``{"sha256", "exporter", "inputs", "outputs"}``.
+    """
+    doc = {
+        "format_version": FORMAT_VERSION,
+        "flavour": flavour,
+        "input": {"name": IMAGE, "dtype": "uint8", "layout": "NHWC"},
+        "input_size": [int(v) for v in input_size],
+        "mean": [float(v) for v in mean],
+        "std": [float(v) for v in std],
+        "grid": [int(g) for g in grid],
+        "radius": int(radius),
+        "pooling": pooling,
+        "concepts": [str(c) for c in concepts],
+        "classes": [str(c) for c in classes],
+        "backbone": backbone,
+        "clip": clip,
+        "max_batch_size": int(max_batch_size),
+        "opset": int(opset),
+        "models": {name: {"onnx": onnx_relpath(name), **info} for name, info in models.items()},
+        "head": {"file": HEAD_FILE, "sha256": head_sha256},
+        "bundle": {"weights_sha256": bundle_weights_sha256, "metrics": metrics},
+        "parity": parity,
+    }
+    validate_metadata(doc)
+    return doc
+
+
+def _pair(doc: dict, key: str, where: str) -> tuple[int, int]:
+    value = doc[key]
+    try:
+        a, b = (int(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise RepositoryError(f"{where}: {key!r} must be [height, width], got {value!r}") from exc
+    if a < 1 or b < 1:
+        raise RepositoryError(f"{where}: {key!r} must be positive, got {value!r}")
+    return a, b
+
+
+def _names(doc: dict, key: str, where: str) -> tuple[str, ...]:
+    value = doc[key]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise RepositoryError(f"{where}: {key!r} must be a non-empty list of names")
+    if len(set(value)) != len(value):
+        raise RepositoryError(f"{where}: {key!r} lists a name twice")
+    return tuple(value)
+
+
+def validate_metadata(doc, where: str = METADATA_FILE) -> dict:
+    """Check ``salf_model.json``'s content; returns it. Raises :class:`RepositoryError` naming the problem
+    (an unsupported ``format_version`` included: a reader must never guess at another format)."""
+    if not isinstance(doc, dict):
+        raise RepositoryError(f"{where} must hold a JSON object, got {type(doc).__name__}")
+    version = doc.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise RepositoryError(f"{where} has format_version {version!r}; this reader supports "
+                              f"{SUPPORTED_FORMAT_VERSIONS} (re-export the bundle with this release's `salfctl export`)")
+    for key in REQUIRED_KEYS:
+        if key not in doc:
+            raise RepositoryError(f"{where} lacks the key {key!r}")
+    _pair(doc, "input_size", where)
+    _pair(doc, "grid", where)
+    _names(doc, "concepts", where)
+    _names(doc, "classes", where)
+    if doc["pooling"] not in POOLINGS:
+        raise RepositoryError(f"{where}: pooling {doc['pooling']!r} is not one of {POOLINGS}")
+    if doc.get("flavour", "") not in ("", *FLAVOURS):
+        raise RepositoryError(f"{where}: flavour {doc['flavour']!r} is not one of {FLAVOURS}")
+    return doc
+
+
+def write_metadata(root: str | Path, doc: dict) -> Path:
+    """Validate and write ``root/salf_model.json`` (atomically)."""
+    return atomic_write_json(Path(root) / METADATA_FILE, validate_metadata(doc, str(Path(root) / METADATA_FILE)))
+
+
+def read_metadata(root: str | Path) -> dict:
+    """``root/salf_model.json``, validated."""
+    root = Path(root)
+    path = root / METADATA_FILE
+    if not path.is_file():
+        raise RepositoryError(f"{root} is not a SALF-CBM model repository: {path} does not exist "
+                              f"(write one with `salfctl export BUNDLE --out {root}`)")
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RepositoryError(f"{path} is not valid JSON: {exc}") from exc
+    return validate_metadata(doc, str(path))
+
+
+# --------------------------------------------------------------------------- head arrays
+@dataclass(frozen=True)
+class HeadArrays:
+    """The linear head and standardisation, float32: ``weight [L, M]``, ``bias [L]``,
+    ``concept_mean [M]``, ``concept_std [M]``."""
+    weight: np.ndarray
+    bias: np.ndarray
+    concept_mean: np.ndarray
+    concept_std: np.ndarray
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {HEAD_WEIGHT: self.weight, HEAD_BIAS: self.bias, CONCEPT_MEAN: self.concept_mean,
+                CONCEPT_STD: self.concept_std}
+
+
+def write_head(path: str | Path, head: HeadArrays) -> None:
+    """``head.safetensors`` (float32, contiguous)."""
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in head.tensors().items()}, str(path))
+
+
+def read_head(path: str | Path, num_concepts: int, num_classes: int) -> HeadArrays:
+    """Read and shape-check ``head.safetensors``; the arrays are read-only."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise RepositoryError(f"{path} does not exist; re-export the model repository")
+    tensors = load_file(str(path))
+    m, l = num_concepts, num_classes
+    expected = {HEAD_WEIGHT: (l, m), HEAD_BIAS: (l,), CONCEPT_MEAN: (m,), CONCEPT_STD: (m,)}
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise RepositoryError(f"{path} lacks tensor {name!r}")
+        if tuple(tensors[name].shape) != shape:
+            raise RepositoryError(f"{path}: {name!r} has shape {tuple(tensors[name].shape)}, expected {shape} "
+                                  f"({m} concepts, {l} classes in {METADATA_FILE})")
+    arrays = {k: np.ascontiguousarray(tensors[k], dtype=np.float32) for k in expected}
+    for a in arrays.values():
+        a.setflags(write=False)
+    return HeadArrays(arrays[HEAD_WEIGHT], arrays[HEAD_BIAS], arrays[CONCEPT_MEAN], arrays[CONCEPT_STD])
+
+
+# --------------------------------------------------------------------------- the served model
+@dataclass(frozen=True)
+class ModelSpec:
+    """A repository as the gateway serves it: validated metadata and the head arrays."""
+    root: Path
+    format_version: int
+    flavour: str
+    input_size: tuple[int, int]
+    grid: tuple[int, int]
+    radius: float
+    pooling: str
+    concepts: tuple[str, ...]
+    classes: tuple[str, ...]
+    bundle_sha256: str
+    weight: np.ndarray
+    bias: np.ndarray
+    concept_mean: np.ndarray
+    concept_std: np.ndarray
+
+    @property
+    def num_concepts(self) -> int:
+        return len(self.concepts)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def onnx_path(self, model: str) -> Path:
+        return self.root / onnx_relpath(model)
+
+
+def load_model_spec(root: str | Path) -> ModelSpec:
+    """Read and validate ``root/salf_model.json`` and ``root/head.safetensors``."""
+    root = Path(root).resolve()
+    doc = read_metadata(root)
+    where = str(root / METADATA_FILE)
+    concepts, classes = _names(doc, "concepts", where), _names(doc, "classes", where)
+    head = read_head(root / HEAD_FILE, len(concepts), len(classes))
+    spec = ModelSpec(root=root, format_version=int(doc["format_version"]), flavour=str(doc.get("flavour", "")),
+                     input_size=_pair(doc, "input_size", where), grid=_pair(doc, "grid", where),
+                     radius=float(doc.get("radius", 0.0)), pooling=str(doc["pooling"]),
+                     concepts=concepts, classes=classes,
+                     bundle_sha256=str((doc.get("bundle") or {}).get("weights_sha256", "")),
+                     weight=head.weight, bias=head.bias, concept_mean=head.concept_mean,
+                     concept_std=head.concept_std)
+    log.info("model repository %s: %d concepts, %d classes, input %s, grid %s, %s pooling",
+             root, spec.num_concepts, spec.num_classes, spec.input_size, spec.grid, spec.pooling)
+    return spec
