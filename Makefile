@@ -34,7 +34,7 @@ proto: venv salf/v1/.generated
 salf/v1/.generated: $(PROTOS)
 	mkdir -p salf/v1
 	$(PY) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
-	touch salf/__init__.py salf/v1/__init__.py
+	touch salf/v1/__init__.py
 	@# An editable install made before salf/ existed does not map it: reinstall (no deps, seconds) once.
 	cd / && $(abspath $(PY)) -c "import salf.v1.gateway_pb2" 2>/dev/null || (cd $(CURDIR) && $(PIP) install -q --no-deps -e .)
 	touch $@
@@ -87,5 +87,9 @@ test: venv proto triton-env
 test-unit: venv proto
 	$(PY) -m pytest -q tests/unit
 
+# Real servers and pipelines: the gateway on both backends, a real Triton, the training CLI.
+test-integration: venv proto triton-env
+	$(PY) -m pytest -q tests/integration
+
 clean:
-	rm -rf $(RUNS) model_repository/salf_cbm model_repository/salf_head salf
+	rm -rf $(RUNS) model_repository/salf_cbm model_repository/salf_head salf/v1

@@ -1,11 +1,15 @@
-"""Client commands of `salfctl`: predict, explain (with --roi: Explain Anything), intervene, rules, info.
+"""Client commands of `salfctl`: predict, explain (with a region: Explain Anything), explain-region,
+intervene, rules, info.
 
 With ``-u/--url`` they talk to a gateway; without, they start one in this process on a local
-``--model-repository``. Before sending anything they check the gateway's health, metadata and
-backend readiness and exit non-zero with a clear message when that fails (STYLE 9).
+``--model-repository``. Before sending anything they check the gateway's health, metadata and backend
+readiness (STYLE 9). Every command takes the same path: connect -> one request per input -> a row per
+result -> tables or JSON Lines -> exit code (clients/cli.py: 0 ok, 1 a request failed, 2 usage,
+3 unreachable).
 
-Exit codes: 0 success; 1 a request failed (the message names the image and the gRPC status);
-2 bad command line; 3 the gateway (or its backend) is unreachable or not ready.
+JSON rows are the response messages in protobuf's JSON mapping with the proto field names
+(``json_format.MessageToDict``; heatmap bytes left out), plus the input's path under ``"image"`` and a
+few conveniences named in each command's docstring.
 """
 from __future__ import annotations
 
@@ -13,30 +17,27 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, Callable, List, Optional
 
 import typer
 
-EXIT_FAILED = 1
-EXIT_UNREACHABLE = 3
+from .cli import (DEFAULT_REPO, DEFAULT_TIMEOUT, EXIT_FAILED, EXIT_UNREACHABLE, CaCert, CliError, Json, Repo,
+                  Timeout, Token, TopK, Url, command)
 
-URL = typer.Option(None, "-u", "--url", envvar="SALF_URL",
-                   help="Gateway HOST:PORT. Without it, a gateway runs in-process on --model-repository.")
-REPO = typer.Option(Path("model_repository"), "--model-repository", "-m",
-                    help="Local model repository used when no --url is given.")
-TIMEOUT = typer.Option(30.0, "--timeout", help="Deadline of each request, seconds.")
-TOKEN = typer.Option(None, "--token", envvar="SALF_TOKEN", help="Bearer token for a gateway with auth.")
-CA_CERT = typer.Option(None, "--ca-cert", help="PEM root certificate: connect with TLS.")
-JSON = typer.Option(False, "--json", help="JSON Lines on stdout (one object per image) instead of tables.")
-TOP_K = typer.Option(0, "--top-k", "-k", help="How many classes/concepts (0: the gateway's default, 5).")
+COMMANDS = ("predict", "explain", "explain-region", "intervene", "rules", "info")
+
+Images = Annotated[List[Path], typer.Argument(exists=True, dir_okay=False, help="Image files.")]
+Roi = Annotated[Optional[Path], typer.Option("--roi", exists=True, dir_okay=False,
+                                             help="Region mask (PNG at the image's size; docs: gateway.proto Region).")]
+Box = Annotated[Optional[str], typer.Option("--box", help="Region as a box x0,y0,x1,y1 (pixels).")]
+Points = Annotated[Optional[List[str]], typer.Option("--point", help="Region point x,y in pixels (repeatable).")]
+Radius = Annotated[float, typer.Option("--radius", help="Point radius in pixels (0: the model's prompt radius).")]
 
 
-def _err(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-
+# ------------------------------------------------------------------ one path: connect, rows, output
 
 def _connect(url, model_repository, timeout, token, ca_cert):
-    """A checked client, or exit 3 with the reason."""
+    """A checked client (fail fast), or :class:`CliError` with exit code 3 and the reason."""
     import grpc
 
     from .client import GatewayUnavailable, SalfClient
@@ -46,34 +47,46 @@ def _connect(url, model_repository, timeout, token, ca_cert):
             return SalfClient.connect(url, timeout=timeout, token=token, ca_cert=ca_cert)
         return SalfClient.local(model_repository, timeout=timeout)
     except GatewayUnavailable as exc:
-        _err(str(exc))
+        raise CliError(str(exc), EXIT_UNREACHABLE) from exc
     except grpc.RpcError as exc:
-        _err(f"the gateway at {url} refused the model-info request: {exc.code().name}: {exc.details()}")
+        raise CliError(f"the gateway at {url} refused the model-info request: {exc.code().name}: {exc.details()}",
+                       EXIT_UNREACHABLE) from exc
     except (OSError, ValueError) as exc:  # a missing or broken local model repository
-        _err(f"cannot start a local gateway on {model_repository}: {exc}")
-    raise typer.Exit(EXIT_UNREACHABLE)
+        raise CliError(f"cannot start a local gateway on {model_repository}: {exc}", EXIT_UNREACHABLE) from exc
 
 
-def _progress(items, what: str):
+def message_dict(message, drop: tuple[str, ...] = ("heatmap",)) -> dict:
+    """A response message as a JSON-ready dict (proto field names, defaults included), without ``drop``."""
+    from google.protobuf import json_format
+
+    doc = json_format.MessageToDict(message, preserving_proto_field_name=True,
+                                    always_print_fields_with_no_presence=True)
+
+    def prune(node):
+        if isinstance(node, dict):
+            return {k: prune(v) for k, v in node.items() if k not in drop}
+        if isinstance(node, list):
+            return [prune(v) for v in node]
+        return node
+    return prune(doc)
+
+
+def _rows(client, inputs: list, what: str, request: Callable) -> list[dict]:
+    """``request(client, item) -> dict`` for each input; a failed RPC becomes an error row."""
+    import grpc
     from tqdm import tqdm
 
-    return tqdm(items, desc=what, unit="image", file=sys.stderr, disable=len(items) < 2, leave=False)
+    rows = []
+    for item in tqdm(inputs, desc=what, unit="image", file=sys.stderr, disable=len(inputs) < 2, leave=False):
+        try:
+            rows.append({"image": str(item), **request(client, item)})
+        except grpc.RpcError as exc:
+            rows.append({"image": str(item), "error": {"code": exc.code().name, "message": exc.details()}})
+    return rows
 
 
-def _rpc_error(image, exc) -> dict:
-    return {"image": str(image), "error": {"code": exc.code().name, "message": exc.details()}}
-
-
-def _class_dict(c) -> dict:
-    return {"index": c.index, "name": c.name, "probability": c.probability, "logit": c.logit}
-
-
-def _activation_dict(a) -> dict:
-    return {"index": a.index, "name": a.name, "activation": a.activation, "mean_activation": a.mean_activation}
-
-
-def _emit(rows: list[dict], as_json: bool, table_fn) -> int:
-    """Print results (JSON Lines or tables) and errors; returns the exit code."""
+def _emit(rows: list[dict], as_json: bool, table: Callable) -> None:
+    """Print results (JSON Lines or tables) and errors; exit 1 if any row is an error."""
     from rich.console import Console
 
     console = Console()
@@ -81,15 +94,33 @@ def _emit(rows: list[dict], as_json: bool, table_fn) -> int:
     for row in rows:
         if "error" in row:
             failed += 1
-            _err(f"{row['image']}: {row['error']['code']}: {row['error']['message']}")
-            if as_json:
-                print(json.dumps(row), flush=True)
-        elif as_json:
+            typer.echo(f"error: {row['image']}: {row['error']['code']}: {row['error']['message']}", err=True)
+        if as_json:
             print(json.dumps(row), flush=True)
-        else:
-            table_fn(console, row)
-    return EXIT_FAILED if failed else 0
+        elif "error" not in row:
+            table(console, row)
+    raise typer.Exit(EXIT_FAILED if failed else 0)
 
+
+def _run(conn: tuple, as_json: bool, table: Callable, produce: Callable) -> None:
+    """Connect with ``conn = (url, repo, timeout, token, ca_cert)``, ``produce(client) -> rows``, print them."""
+    with _connect(*conn) as client:
+        rows = produce(client)
+    _emit(rows, as_json, table)
+
+
+def _table(title: str, columns: tuple[str, ...], rows: list[tuple], left: tuple[str, ...] = ("class", "concept")):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in columns:
+        t.add_column(col, justify="left" if col in left else "right")
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
+# ------------------------------------------------------------------ regions
 
 def _numbers(text: str, n: int, flag: str, form: str) -> list[float]:
     try:
@@ -101,8 +132,9 @@ def _numbers(text: str, n: int, flag: str, form: str) -> list[float]:
     return values
 
 
-def _region(client, roi: Optional[Path], box: Optional[str], points: Optional[List[str]] = None, radius: float = 0.0):
-    """The ROI message from exactly one of --roi, --box, --point (or None when none is given)."""
+def _region(client, roi: Optional[Path], box: Optional[str], points: Optional[List[str]], radius: float,
+            required: bool):
+    """The ``Region`` message of exactly one of --roi, --box, --point (None when none is given)."""
     given = [x for x in (roi, box, points or None) if x is not None]
     if len(given) > 1:
         raise typer.BadParameter("give only one of --roi, --box, --point")
@@ -112,118 +144,42 @@ def _region(client, roi: Optional[Path], box: Optional[str], points: Optional[Li
         return client.region(box=_numbers(box, 4, "--box", "x0,y0,x1,y1"))
     if points:
         return client.region(points=[_numbers(p, 2, "--point", "x,y") for p in points], radius=radius)
+    if required:
+        raise typer.BadParameter("this command needs a region: --roi, --box or --point")
     return None
+
+
+def _check_region_options(box: Optional[str], points: Optional[List[str]]) -> None:
+    """Usage errors of the region options, before any gateway is started."""
+    if box is not None:
+        _numbers(box, 4, "--box", "x0,y0,x1,y1")
+    for p in points or []:
+        _numbers(p, 2, "--point", "x,y")
+
+
+def _region_mask(region, size: tuple[int, int], default_radius: float):
+    """The region as the gateway draws it (``salf.contract``): bool ``[h, w]``, or None if it does not fit."""
+    from salf.contract import ContractError
+    from salf.contract.images import decode_mask
+    from salf.contract.regions import box_mask, points_mask
+
+    if region is None:
+        return None
+    try:
+        kind = region.WhichOneof("kind")
+        if kind == "mask_png":
+            return decode_mask(region.mask_png, size)
+        if kind == "box":
+            b = region.box
+            return box_mask((b.x0, b.y0, b.x1, b.y1), size)
+        pts = region.points
+        return points_mask([(p.x, p.y) for p in pts.points], pts.radius or default_radius, size)
+    except ContractError:
+        return None
 
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "concept"
-
-
-# ------------------------------------------------------------------ commands
-
-def predict(images: List[Path] = typer.Argument(..., exists=True, dir_okay=False, help="Image files."),
-            top_k: int = TOP_K, url: Optional[str] = URL, model_repository: Path = REPO,
-            timeout: float = TIMEOUT, token: Optional[str] = TOKEN, ca_cert: Optional[Path] = CA_CERT,
-            as_json: bool = JSON) -> None:
-    """Top-k classes with probabilities for each image."""
-    import grpc
-
-    rows = []
-    with _connect(url, model_repository, timeout, token, ca_cert) as client:
-        for image in _progress(images, "predict"):
-            try:
-                r = client.predict(image.read_bytes(), top_k=top_k)
-                rows.append({"image": str(image), "classes": [_class_dict(c) for c in r.classes]})
-            except grpc.RpcError as exc:
-                rows.append(_rpc_error(image, exc))
-
-    def table(console, row):
-        from rich.table import Table
-
-        t = Table(title=row["image"])
-        for col in ("rank", "class", "probability", "logit"):
-            t.add_column(col, justify="right" if col != "class" else "left")
-        for n, c in enumerate(row["classes"], 1):
-            t.add_row(str(n), c["name"], f"{c['probability']:.4f}", f"{c['logit']:+.3f}")
-        console.print(t)
-
-    raise typer.Exit(_emit(rows, as_json, table))
-
-
-def explain(images: List[Path] = typer.Argument(..., exists=True, dir_okay=False, help="Image files."),
-            roi: Optional[Path] = typer.Option(None, "--roi", exists=True, dir_okay=False,
-                                               help="ROI mask (PNG, the image's size): also Explain Anything."),
-            box: Optional[str] = typer.Option(None, "--box", help="ROI as a box x0,y0,x1,y1 (pixels)."),
-            class_name: Optional[str] = typer.Option(None, "--class", help="Explain this class, not the predicted one."),
-            top_k: int = TOP_K,
-            out: Optional[Path] = typer.Option(None, "--out", "-o", file_okay=False,
-                                               help="Write heatmap overlays (jet over the image) and the ROI outline here."),
-            url: Optional[str] = URL, model_repository: Path = REPO, timeout: float = TIMEOUT,
-            token: Optional[str] = TOKEN, ca_cert: Optional[Path] = CA_CERT, as_json: bool = JSON) -> None:
-    """Top-k concepts by contribution S = W(class, m) * c*(m) with heatmaps; --roi/--box adds Explain Anything.
-
-    With a region, the top concepts by aggregated activation inside it are listed too, and the
-    overlays under --out carry the region's outline.
-    """
-    import grpc
-
-    rows = []
-    with _connect(url, model_repository, timeout, token, ca_cert) as client:
-        region = _region(client, roi, box)
-        for image in _progress(images, "explain"):
-            try:
-                rows.append(_explain_one(client, image, region, class_name, top_k, out))
-            except grpc.RpcError as exc:
-                rows.append(_rpc_error(image, exc))
-
-    def table(console, row):
-        from rich.table import Table
-
-        t = Table(title=f"{row['image']}: {row['target']['name']} (p={row['target']['probability']:.3f})")
-        for col in ("rank", "concept", "contribution", "weight", "score"):
-            t.add_column(col, justify="left" if col == "concept" else "right")
-        for n, c in enumerate(row["concepts"], 1):
-            t.add_row(str(n), c["name"], f"{c['contribution']:+.4f}", f"{c['weight']:+.4f}", f"{c['score']:+.3f}")
-        console.print(t)
-        if "region" in row:
-            r = Table(title=f"region of {row['region']['area']} px: concepts by activation")
-            for col in ("rank", "concept", "activation", "mean"):
-                r.add_column(col, justify="left" if col == "concept" else "right")
-            for n, a in enumerate(row["region"]["concepts"], 1):
-                r.add_row(str(n), a["name"], f"{a['activation']:+.3f}", f"{a['mean_activation']:+.4f}")
-            console.print(r)
-        for f in row.get("files", []):
-            console.print(f"wrote {f}")
-
-    raise typer.Exit(_emit(rows, as_json, table))
-
-
-def _explain_one(client, image: Path, region, class_name, top_k, out: Optional[Path]) -> dict:
-    from . import render
-
-    data = image.read_bytes()
-    r = client.explain(data, class_name=class_name, top_k=top_k, heatmaps="png" if out else "none")
-    row = {"image": str(image), "explanation_id": r.explanation_id, "target": _class_dict(r.target),
-           "predictions": [_class_dict(c) for c in r.predictions],
-           "concepts": [{"index": c.index, "name": c.name, "contribution": c.contribution, "weight": c.weight,
-                         "score": c.score} for c in r.concepts]}
-    if region is not None:
-        rr = _region_by_id(client, region, r.explanation_id, data, top_k)
-        row["region"] = {"area": rr.region_area, "concepts": [_activation_dict(a) for a in rr.concepts]}
-    if out is not None:
-        rgb = render.load_rgb(data)
-        mask = _region_mask(region, rgb.shape[:2])
-        files = []
-        for n, c in enumerate(r.concepts, 1):
-            picture = render.overlay(rgb, render.heatmap_values(c.heatmap))
-            if mask is not None:
-                picture = render.draw_outline(picture, mask)
-            files.append(render.save_png(out / f"{image.stem}.{n:02d}.{_slug(c.name)}.png", picture))
-            row["concepts"][n - 1]["overlay"] = str(files[-1])
-        if mask is not None:
-            files.append(render.save_png(out / f"{image.stem}.roi.png", render.draw_outline(rgb, mask, (255, 0, 0))))
-        row["files"] = [str(f) for f in files]
-    return row
 
 
 def _region_by_id(client, region, explanation_id: str, data: bytes, top_k: int):
@@ -238,151 +194,177 @@ def _region_by_id(client, region, explanation_id: str, data: bytes, top_k: int):
         return client.explain_region(region, explanation_id=explanation_id, image=data, top_k=top_k)
 
 
-def _region_mask(region, size):
-    """The client's own picture of the region (for the outline): mask or box as bool ``[h, w]``."""
-    import io
+# ------------------------------------------------------------------ commands
 
-    import numpy as np
-    from PIL import Image
+def predict(images: Images, top_k: TopK = 0, url: Url = None, model_repository: Repo = DEFAULT_REPO,
+            timeout: Timeout = DEFAULT_TIMEOUT, token: Token = None, ca_cert: CaCert = None,
+            as_json: Json = False) -> None:
+    """Top-k classes with probabilities for each image (JSON: PredictResponse)."""
+    def table(console, row):
+        console.print(_table(row["image"], ("rank", "class", "probability", "logit"),
+                             [(str(n), c["name"], f"{c['probability']:.4f}", f"{c['logit']:+.3f}")
+                              for n, c in enumerate(row["classes"], 1)]))
 
-    if region is None:
-        return None
-    if region.WhichOneof("kind") == "mask_png":
-        mask = np.asarray(Image.open(io.BytesIO(region.mask_png)).convert("L")) > 0
-        return mask if mask.shape == tuple(size) else None
-    b = region.box
-    ys, xs = np.arange(size[0]) + 0.5, np.arange(size[1]) + 0.5
-    return ((ys >= b.y0) & (ys < b.y1))[:, None] & ((xs >= b.x0) & (xs < b.x1))[None, :]
+    _run((url, model_repository, timeout, token, ca_cert), as_json, table, lambda client: _rows(
+        client, images, "predict", lambda c, image: message_dict(c.predict(image.read_bytes(), top_k=top_k))))
 
 
-def intervene(image: Path = typer.Argument(..., exists=True, dir_okay=False, help="Image file."),
-              roi: Optional[Path] = typer.Option(None, "--roi", exists=True, dir_okay=False, help="Region mask (PNG)."),
-              box: Optional[str] = typer.Option(None, "--box", help="Region as x0,y0,x1,y1 (pixels)."),
+def explain(images: Images, roi: Roi = None, box: Box = None, point: Points = None, radius: Radius = 0.0,
+            class_name: Optional[str] = typer.Option(None, "--class", help="Explain this class, not the predicted one."),
+            top_k: TopK = 0,
+            out: Optional[Path] = typer.Option(None, "--out", "-o", file_okay=False,
+                                               help="Write heatmap overlays (jet over the image) and the ROI outline here."),
+            url: Url = None, model_repository: Repo = DEFAULT_REPO, timeout: Timeout = DEFAULT_TIMEOUT,
+            token: Token = None, ca_cert: CaCert = None, as_json: Json = False) -> None:
+    """Top-k concepts by contribution S = W(class, m) * c*(m) with heatmaps; a region adds Explain Anything.
+
+    With --roi/--box/--point, the top concepts by aggregated activation inside the region are listed too
+    (JSON: "region", the ExplainRegionResponse plus "area"), and the overlays under --out carry the
+    region's outline (JSON: "overlay" per concept, "files").
+    """
+    _check_region_options(box, point)
+
+    def table(console, row):
+        t = row["target"]
+        console.print(_table(f"{row['image']}: {t['name']} (p={t['probability']:.3f})",
+                             ("rank", "concept", "contribution", "weight", "score"),
+                             [(str(n), c["name"], f"{c['contribution']:+.4f}", f"{c['weight']:+.4f}",
+                               f"{c['score']:+.3f}") for n, c in enumerate(row["concepts"], 1)]))
+        if "region" in row:
+            console.print(_region_table(f"region of {row['region']['area']} px: concepts by activation",
+                                        row["region"]["concepts"]))
+        for f in row.get("files", []):
+            console.print(f"wrote {f}")
+
+    def produce(client):
+        region = _region(client, roi, box, point, radius, required=False)
+        return _rows(client, images, "explain", lambda c, image: _explain_one(c, image, region, class_name, top_k, out))
+
+    _run((url, model_repository, timeout, token, ca_cert), as_json, table, produce)
+
+
+def _region_table(title: str, activations: list[dict]):
+    return _table(title, ("rank", "concept", "activation", "mean"),
+                  [(str(n), a["name"], f"{a['activation']:+.3f}", f"{a['mean_activation']:+.4f}")
+                   for n, a in enumerate(activations, 1)])
+
+
+def _explain_one(client, image: Path, region, class_name, top_k, out: Optional[Path]) -> dict:
+    from salf.contract.images import load_rgb
+
+    from . import render
+
+    data = image.read_bytes()
+    r = client.explain(data, class_name=class_name, top_k=top_k, heatmaps="png" if out else "none")
+    row = message_dict(r)
+    if region is not None:
+        rr = message_dict(_region_by_id(client, region, r.explanation_id, data, top_k))
+        row["region"] = {**rr, "area": rr["region_area"]}
+    if out is not None:
+        rgb = load_rgb(data)
+        mask = _region_mask(region, rgb.shape[:2], client.info.radius)
+        files = []
+        for n, c in enumerate(r.concepts, 1):
+            picture = render.overlay(rgb, render.heatmap_values(c.heatmap))
+            if mask is not None:
+                picture = render.draw_outline(picture, mask)
+            files.append(render.save_png(out / f"{image.stem}.{n:02d}.{_slug(c.name)}.png", picture))
+            row["concepts"][n - 1]["overlay"] = str(files[-1])
+        if mask is not None:
+            files.append(render.save_png(out / f"{image.stem}.roi.png", render.draw_outline(rgb, mask, (255, 0, 0))))
+        row["files"] = [str(f) for f in files]
+    return row
+
+
+def explain_region(images: Images, roi: Roi = None, box: Box = None, point: Points = None, radius: Radius = 0.0,
+                   top_k: TopK = 0, url: Url = None, model_repository: Repo = DEFAULT_REPO,
+                   timeout: Timeout = DEFAULT_TIMEOUT, token: Token = None, ca_cert: CaCert = None,
+                   as_json: Json = False) -> None:
+    """Explain Anything: top concepts by aggregated activation inside a mask, box or points
+    (JSON: ExplainRegionResponse plus "area")."""
+    _check_region_options(box, point)
+    if roi is None and box is None and not point:
+        raise typer.BadParameter("explain-region needs a region: --roi, --box or --point")
+
+    def table(console, row):
+        console.print(_region_table(f"{row['image']}: region of {row['area']} px, concepts by activation",
+                                    row["concepts"]))
+
+    def one(client, region, image):
+        doc = message_dict(client.explain_region(region, image=image.read_bytes(), top_k=top_k))
+        return {**doc, "area": doc["region_area"]}
+
+    def produce(client):
+        region = _region(client, roi, box, point, radius, required=True)
+        return _rows(client, images, "explain-region", lambda c, image: one(c, region, image))
+
+    _run((url, model_repository, timeout, token, ca_cert), as_json, table, produce)
+
+
+def intervene(images: Images, roi: Roi = None, box: Box = None, point: Points = None, radius: Radius = 0.0,
               concept: str = typer.Option(..., "--concept", help="Concept name (or index) to edit."),
               beta: float = typer.Option(..., "--beta", help="c[m] += beta * I in the region; positive or negative."),
-              top_k: int = TOP_K, url: Optional[str] = URL, model_repository: Path = REPO,
-              timeout: float = TIMEOUT, token: Optional[str] = TOKEN, ca_cert: Optional[Path] = CA_CERT,
-              as_json: bool = JSON) -> None:
-    """Local intervention: edit one concept's map in a region, re-run the head, show the change."""
-    import grpc
-
-    rows = []
-    with _connect(url, model_repository, timeout, token, ca_cert) as client:
-        region = _region(client, roi, box)
-        if region is None:
-            raise typer.BadParameter("intervene needs a region: --roi or --box")
-        target = concept if concept in client.info.concepts or not concept.isdigit() else int(concept)
-        try:
-            r = client.intervene([client.edit(region, beta, target)], image=image.read_bytes(), top_k=top_k)
-            name = client.info.concepts[target] if isinstance(target, int) and target < len(client.info.concepts) else concept
-            rows.append({"image": str(image), "concept": name, "beta": beta,
-                         "predicted_before": _class_dict(r.predicted_before),
-                         "predicted_after": _class_dict(r.predicted_after),
-                         "before": [_class_dict(c) for c in r.before], "after": [_class_dict(c) for c in r.after],
-                         "logits_before": list(r.logits_before), "logits_after": list(r.logits_after),
-                         "logit_deltas": dict(zip(client.info.classes, r.logit_deltas)),
-                         "region_concepts": [_activation_dict(a) for a in r.region_concepts]})
-        except grpc.RpcError as exc:
-            rows.append(_rpc_error(image, exc))
+              top_k: TopK = 0, url: Url = None, model_repository: Repo = DEFAULT_REPO,
+              timeout: Timeout = DEFAULT_TIMEOUT, token: Token = None, ca_cert: CaCert = None,
+              as_json: Json = False) -> None:
+    """Local intervention: edit one concept's map in a region, re-run the head, show the change
+    (JSON: InterveneResponse, with "logit_deltas" keyed by class name, plus "concept" and "beta")."""
+    _check_region_options(box, point)
+    if roi is None and box is None and not point:
+        raise typer.BadParameter("intervene needs a region: --roi, --box or --point")
 
     def table(console, row):
-        from rich.table import Table
-
         b, a = row["predicted_before"], row["predicted_after"]
-        t = Table(title=f"{row['image']}: {row['concept']} += {row['beta']:g} in the region: "
-                        f"{b['name']} ({b['probability']:.3f}) -> {a['name']} ({a['probability']:.3f})")
-        for col in ("class", "logit before", "logit after", "delta"):
-            t.add_column(col, justify="left" if col == "class" else "right")
-        for (name, d), lb, la in zip(row["logit_deltas"].items(), row["logits_before"], row["logits_after"]):
-            t.add_row(name, f"{lb:+.4f}", f"{la:+.4f}", f"{d:+.4f}")
-        console.print(t)
-        r = Table(title="edited region: concepts by activation")
-        for col in ("rank", "concept", "activation"):
-            r.add_column(col, justify="left" if col == "concept" else "right")
-        for n, c in enumerate(row["region_concepts"], 1):
-            r.add_row(str(n), c["name"], f"{c['activation']:+.3f}")
-        console.print(r)
+        console.print(_table(f"{row['image']}: {row['concept']} += {row['beta']:g} in the region: "
+                             f"{b['name']} ({b['probability']:.3f}) -> {a['name']} ({a['probability']:.3f})",
+                             ("class", "logit before", "logit after", "delta"),
+                             [(name, f"{lb:+.4f}", f"{la:+.4f}", f"{d:+.4f}") for (name, d), lb, la in
+                              zip(row["logit_deltas"].items(), row["logits_before"], row["logits_after"])]))
+        console.print(_table("edited region: concepts by activation", ("rank", "concept", "activation"),
+                             [(str(n), c["name"], f"{c['activation']:+.3f}")
+                              for n, c in enumerate(row["region_concepts"], 1)]))
 
-    raise typer.Exit(_emit(rows, as_json, table))
+    def produce(client):
+        region = _region(client, roi, box, point, radius, required=True)
+        names = client.info.concepts
+        target = concept if concept in names or not concept.isdigit() else int(concept)
+        name = names[target] if isinstance(target, int) and target < len(names) else concept
+        edit = client.edit(region, beta, target)
 
+        def one(c, image):
+            doc = message_dict(c.intervene([edit], image=image.read_bytes(), top_k=top_k))
+            return {**doc, "concept": name, "beta": beta,
+                    "logit_deltas": dict(zip(c.info.classes, doc["logit_deltas"]))}
+        return _rows(client, images, "intervene", one)
 
-def explain_region(images: List[Path] = typer.Argument(..., exists=True, dir_okay=False, help="Image files."),
-                   roi: Optional[Path] = typer.Option(None, "--roi", exists=True, dir_okay=False,
-                                                      help="ROI mask (PNG, the image's size)."),
-                   box: Optional[str] = typer.Option(None, "--box", help="ROI as x0,y0,x1,y1 (pixels)."),
-                   point: Optional[List[str]] = typer.Option(None, "--point", help="ROI point x,y (repeatable)."),
-                   radius: float = typer.Option(0.0, "--radius", help="Point radius in pixels (0: the model's prompt radius)."),
-                   top_k: int = TOP_K, url: Optional[str] = URL, model_repository: Path = REPO,
-                   timeout: float = TIMEOUT, token: Optional[str] = TOKEN, ca_cert: Optional[Path] = CA_CERT,
-                   as_json: bool = JSON) -> None:
-    """Explain Anything: top concepts by aggregated activation inside a mask, box or points."""
-    import grpc
-
-    rows = []
-    with _connect(url, model_repository, timeout, token, ca_cert) as client:
-        region = _region(client, roi, box, point, radius)
-        if region is None:
-            raise typer.BadParameter("explain-region needs a region: --roi, --box or --point")
-        for image in _progress(images, "explain-region"):
-            try:
-                r = client.explain_region(region, image=image.read_bytes(), top_k=top_k)
-                rows.append({"image": str(image), "explanation_id": r.explanation_id, "area": r.region_area,
-                             "concepts": [_activation_dict(a) for a in r.concepts]})
-            except grpc.RpcError as exc:
-                rows.append(_rpc_error(image, exc))
-
-    def table(console, row):
-        from rich.table import Table
-
-        t = Table(title=f"{row['image']}: region of {row['area']} px, concepts by activation")
-        for col in ("rank", "concept", "activation", "mean"):
-            t.add_column(col, justify="left" if col == "concept" else "right")
-        for n, a in enumerate(row["concepts"], 1):
-            t.add_row(str(n), a["name"], f"{a['activation']:+.3f}", f"{a['mean_activation']:+.4f}")
-        console.print(t)
-
-    raise typer.Exit(_emit(rows, as_json, table))
+    _run((url, model_repository, timeout, token, ca_cert), as_json, table, produce)
 
 
 def rules(class_name: Optional[str] = typer.Option(None, "--class", help="Only this class."),
-          url: Optional[str] = URL, model_repository: Path = REPO, timeout: float = TIMEOUT,
-          token: Optional[str] = TOKEN, ca_cert: Optional[Path] = CA_CERT, as_json: bool = JSON) -> None:
-    """Global decision rules: each class's non-zero concept weights, largest |weight| first."""
+          url: Url = None, model_repository: Repo = DEFAULT_REPO, timeout: Timeout = DEFAULT_TIMEOUT,
+          token: Token = None, ca_cert: CaCert = None, as_json: Json = False) -> None:
+    """Global decision rules: each class's non-zero concept weights, largest |weight| first
+    (JSON: one ClassRule per line, plus "class", its name)."""
     import grpc
 
-    with _connect(url, model_repository, timeout, token, ca_cert) as client:
-        try:
-            r = client.class_rules(class_name or "")
-        except grpc.RpcError as exc:
-            _err(f"{exc.code().name}: {exc.details()}")
-            raise typer.Exit(EXIT_FAILED)
-    rows = [{"class": rule.class_name, "index": rule.class_index, "bias": rule.bias,
-             "terms": [{"concept": t.concept_name, "index": t.concept_index, "weight": t.weight} for t in rule.terms]}
-            for rule in r.rules]
-
     def table(console, row):
-        from rich.table import Table
+        console.print(_table(f"{row['class']} (bias {row['bias']:+.4f}, {len(row['terms'])} concepts)",
+                             ("concept", "weight"), [(t["concept_name"], f"{t['weight']:+.4f}") for t in row["terms"]]))
 
-        t = Table(title=f"{row['class']} (bias {row['bias']:+.4f}, {len(row['terms'])} concepts)")
-        t.add_column("concept")
-        t.add_column("weight", justify="right")
-        for term in row["terms"]:
-            t.add_row(term["concept"], f"{term['weight']:+.4f}")
-        console.print(t)
+    def produce(client):
+        try:
+            response = client.class_rules(class_name or "")
+        except grpc.RpcError as exc:
+            raise CliError(f"{exc.code().name}: {exc.details()}", EXIT_FAILED) from exc
+        return [{"class": rule.class_name, **message_dict(rule)} for rule in response.rules]
 
-    raise typer.Exit(_emit(rows, as_json, table))
+    _run((url, model_repository, timeout, token, ca_cert), as_json, table, produce)
 
 
-def info(url: Optional[str] = URL, model_repository: Path = REPO, timeout: float = TIMEOUT,
-         token: Optional[str] = TOKEN, ca_cert: Optional[Path] = CA_CERT, as_json: bool = JSON) -> None:
-    """The served model: concepts, classes, grid, input size, backend."""
-    with _connect(url, model_repository, timeout, token, ca_cert) as client:
-        i = client.info
-    row = {"backend": i.backend, "backend_target": i.backend_target, "backend_ready": i.backend_ready,
-           "input_size": [i.input_height, i.input_width], "grid": [i.grid_height, i.grid_width],
-           "pooling": i.pooling, "radius": i.radius, "flavour": i.flavour, "bundle_sha256": i.bundle_sha256,
-           "classes": list(i.classes), "concepts": list(i.concepts)}
-
+def info(url: Url = None, model_repository: Repo = DEFAULT_REPO, timeout: Timeout = DEFAULT_TIMEOUT,
+         token: Token = None, ca_cert: CaCert = None, as_json: Json = False) -> None:
+    """The served model: concepts, classes, grid, input size, backend (JSON: ModelInfo plus "grid" and
+    "input_size" as [height, width])."""
     def table(console, row):
         from rich.table import Table
 
@@ -391,14 +373,15 @@ def info(url: Optional[str] = URL, model_repository: Path = REPO, timeout: float
             t.add_row(key, ", ".join(map(str, value)) if isinstance(value, list) else str(value))
         console.print(t)
 
-    raise typer.Exit(_emit([row], as_json, table))
+    def produce(client):
+        i = client.info
+        return [{**message_dict(i), "input_size": [i.input_height, i.input_width],
+                 "grid": [i.grid_height, i.grid_width]}]
+
+    _run((url, model_repository, timeout, token, ca_cert), as_json, table, produce)
 
 
 def register(app: typer.Typer) -> None:
     """Add this part's commands to the top-level `salfctl` app."""
-    app.command("predict")(predict)
-    app.command("explain")(explain)
-    app.command("explain-region")(explain_region)
-    app.command("intervene")(intervene)
-    app.command("rules")(rules)
-    app.command("info")(info)
+    for name, fn in zip(COMMANDS, (predict, explain, explain_region, intervene, rules, info)):
+        command(app, name)(fn)

@@ -57,18 +57,6 @@ def draw_outline(image: np.ndarray, mask: np.ndarray, colour=(255, 255, 255), wi
     return out
 
 
-def load_rgb(path_or_bytes) -> np.ndarray:
-    """An image file (path or encoded bytes) as uint8 RGB ``[h, w, 3]`` at its own size."""
-    src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else path_or_bytes
-    return np.asarray(Image.open(src).convert("RGB"), dtype=np.uint8)
-
-
-def load_mask(path_or_bytes) -> np.ndarray:
-    """A mask image as bool ``[h, w]``: non-zero grey pixels (what the gateway uses, opacity aside)."""
-    src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else path_or_bytes
-    return np.asarray(Image.open(src).convert("L")) > 0
-
-
 def save_png(path: str | Path, array: np.ndarray) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,25 +1,40 @@
 """`salfctl`: one CLI for train / export / serve / predict / explain / intervene / rules.
 
-Sub-apps come from each package; every module imports its heavy dependencies (torch, onnx,
-onnxruntime) inside its commands, so client commands start fast and without torch.
+Each part owns its commands (``training/cli.py``, ``export/cli.py``, ``serving/cli.py``,
+``clients/commands.py``) and registers them with ``clients.cli.command``; the conventions they share
+(exit codes, options, the error boundary, logging) are in ``clients/cli.py``. Command modules import
+their heavy dependencies (torch, onnx, onnxruntime) inside the commands, so client commands start fast
+and without torch.
 """
 import typer
+
+from clients import commands as client_commands
+from clients.cli import configure_logging
+from export import cli as export_cli
+from serving import cli as serving_cli
+from training.cli import data_app, train_app
+
+# Commands whose output is their result (tables, JSON, a one-line summary): their INFO logs would only
+# repeat it, so they log warnings unless -v. Pipelines (train, export, serve, triton) log progress at INFO.
+RESULT_COMMANDS = frozenset({*client_commands.COMMANDS, "data"})
 
 app = typer.Typer(help="SALF-CBM: train, export, serve and query spatially-aware concept bottleneck models.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 
 
-def _mount() -> None:
-    from training.cli import data_app, train_app
-
-    app.add_typer(train_app, name="train")
-    app.add_typer(data_app, name="data")
-    for module_name in ("export.cli", "serving.cli", "clients.commands"):
-        module = __import__(module_name, fromlist=["register"])
-        module.register(app)
+@app.callback()
+def root(ctx: typer.Context,
+         verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-vv: libraries too)."),
+         quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only.")) -> None:
+    """Logging is configured here, once for every command (clients/cli.py)."""
+    configure_logging(verbose - int(quiet), quiet_default=ctx.invoked_subcommand in RESULT_COMMANDS)
 
 
-_mount()
+app.add_typer(train_app, name="train")
+app.add_typer(data_app, name="data")
+export_cli.register(app)
+serving_cli.register(app)
+client_commands.register(app)
 
 
 def main() -> None:

@@ -8,7 +8,16 @@ from typing import Optional
 
 import typer
 
+from clients.cli import EXIT_FAILED, EXIT_USAGE, command, fail
+
 log = logging.getLogger(__name__)
+
+
+def export_errors() -> dict[type, int]:
+    """An export that cannot be done (bad bundle, parity failure, bad option) exits 1 with the reason."""
+    from .onnx_graphs import ExportError
+
+    return {ExportError: EXIT_FAILED, ValueError: EXIT_FAILED, FileNotFoundError: EXIT_FAILED}
 
 
 def _quiet_optimizer_logs() -> None:
@@ -41,29 +50,21 @@ def export(
     report_json: Optional[Path] = typer.Option(None, "--report", help="also write the export report here"),
 ) -> None:
     """Export a bundle to a Triton model repository (salf_cbm + salf_head, configs, metadata)."""
-    from .onnx_graphs import ExportError
     from .parity import Tolerance
     from .repository import export_repository
     from .triton_config import TritonOptions
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_optimizer_logs()
     if tensorrt and flavour != "onnxruntime":
-        typer.echo("export failed: --tensorrt applies to the onnxruntime flavour only", err=True)
-        raise typer.Exit(code=2)
+        fail("--tensorrt applies to the onnxruntime flavour only", EXIT_USAGE)
     options = TritonOptions(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
                             instance_kind=instance_kind, instance_count=instance_count, tensorrt=tensorrt,
                             intra_op_threads=threads)
     if not (bundle / "bundle.json").is_file() and (bundle / "bundle" / "bundle.json").is_file():
         bundle = bundle / "bundle"  # a training run folder (docs/DESIGN.md, "Training run layout")
-    try:
-        options.validate()
-        report = export_repository(bundle, out, flavour=flavour, parity=parity, parity_images=parity_images,
-                                   options=options, tolerance=Tolerance(atol=atol, rtol=rtol),
-                                   exporter=exporter)
-    except (ExportError, ValueError, FileNotFoundError) as exc:
-        typer.echo(f"export failed: {exc}", err=True)
-        raise typer.Exit(code=1) from exc
+    options.validate()
+    report = export_repository(bundle, out, flavour=flavour, parity=parity, parity_images=parity_images,
+                               options=options, tolerance=Tolerance(atol=atol, rtol=rtol), exporter=exporter)
     doc = report.to_dict()
     if report_json:
         report_json.write_text(json.dumps(doc, indent=2) + "\n")
@@ -93,5 +94,5 @@ def triton(
 
 def register(app: typer.Typer) -> None:
     """Add this part's commands to the top-level `salfctl` app."""
-    app.command("export")(export)
-    app.command("triton")(triton)
+    command(app, "export", errors=export_errors, prefix="export failed")(export)
+    command(app, "triton")(triton)

@@ -10,29 +10,30 @@ from typing import Optional
 
 import typer
 
+from clients.cli import EXIT_USAGE, Repo, Token, command, configure_logging, fail
+
 log = logging.getLogger(__name__)
 
 
 def serve(
-    model_repository: Path = typer.Option(Path("model_repository"), "--model-repository", "-m",
-                                          help="Exported model repository (salf_model.json, head.safetensors, ONNX)."),
+    model_repository: Repo = Path("model_repository"),
     triton: Optional[str] = typer.Option(None, "--triton", help="Triton gRPC HOST:PORT; default: embedded onnxruntime."),
     host: str = typer.Option("0.0.0.0", "--host", help="Interface to bind."),
     port: int = typer.Option(50051, "--port", help="gRPC port (0 picks a free one; the log says which)."),
     metrics_port: int = typer.Option(9464, "--metrics-port", help="Prometheus /metrics port; -1 disables it."),
-    token: Optional[str] = typer.Option(None, "--token", envvar="SALF_TOKEN",
-                                        help="Require 'authorization: Bearer TOKEN' on every RPC except health."),
+    token: Token = None,
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate chain: serve TLS."),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
     cache_size: int = typer.Option(1024, "--cache-size", help="Explanations kept for ExplainRegion/Intervene."),
     cache_ttl: float = typer.Option(900.0, "--cache-ttl", help="Seconds an explanation_id stays valid."),
     workers: int = typer.Option(8, "--workers", help="Concurrent requests."),
     device: str = typer.Option("cpu", "--device", help="Embedded backend: cpu or cuda (falls back to cpu)."),
-    log_level: str = typer.Option("INFO", "--log-level"),
+    log_level: Optional[str] = typer.Option(None, "--log-level",
+                                            help="DEBUG, INFO (default), WARNING or ERROR; overrides -v/-q."),
 ) -> None:
     """Serve the gateway: embedded onnxruntime by default, or Triton with --triton."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from salf.contract.repository import RepositoryError
+    if log_level is not None:
+        configure_logging(level=log_level)
     from .server import GatewayServer, ServeConfig
 
     if (tls_cert is None) != (tls_key is None):
@@ -46,9 +47,8 @@ def serve(
                          max_workers=workers, device=device)
     try:
         server = GatewayServer(config).start()
-    except (RepositoryError, FileNotFoundError, OSError, ValueError) as exc:
-        typer.echo(f"error: cannot start the gateway: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    except (OSError, ValueError) as exc:  # RepositoryError is a ValueError; a taken port an OSError
+        fail(f"cannot start the gateway: {exc}", EXIT_USAGE)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -59,4 +59,4 @@ def serve(
 
 def register(app: typer.Typer) -> None:
     """Add this part's commands to the top-level `salfctl` app."""
-    app.command("serve")(serve)
+    command(app, "serve")(serve)

@@ -6,18 +6,14 @@ Each part registers its own commands here through a ``register(train_app, data_a
 """
 import typer
 
+from . import commands
+from .clip import cli as clip_cli
+from .data import cli as data_cli
+
 train_app = typer.Typer(help="Train a SALF-CBM: backbone, concepts, similarities, cbl, head, or all.",
                         no_args_is_help=True)
 data_app = typer.Typer(help="Datasets: generate the synthetic test bed.", no_args_is_help=True)
 
 
-def _register_all() -> None:
-    from .clip import cli as clip_cli
-    from . import commands
-    from .data import cli as data_cli
-
-    for module in (data_cli, commands, clip_cli):
-        module.register(train_app, data_app)
-
-
-_register_all()
+for _module in (data_cli, commands, clip_cli):
+    _module.register(train_app, data_app)

@@ -1,72 +1,60 @@
 """`salfctl train {backbone,cbl,head,all}` (see training/cli.py). Heavy imports happen inside the commands."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from clients.cli import EXIT_USAGE, Quiet as QuietOpt, command, configure_logging
+
 CONFIG_HELP = "Preset name from training/configs (e.g. tiny-cpu) or a path to a JSON config."
 DATA_HELP = "Dataset root (ImageFolder layout, docs/DESIGN.md); overrides the config's \"data\"."
 OUT_HELP = "Run folder: backbone/, features/, cbl/, bundle/, report.json."
-
-
-def _context(config: str, data: Optional[Path], out: Path, device: Optional[str], quiet: bool):
-    from .config import load_config
-    from .pipeline import make_context
-
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(config)
-    if device:
-        cfg.device = device
-    return make_context(cfg, data, out, progress=not quiet)
-
-
-def _fail(exc: Exception) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(2) from exc
-
-
-def _expected_errors() -> tuple[type[Exception], ...]:
-    from .backbones import WeightsNotFoundError
-    from .data.folder import DatasetError
-    from .features import FeatureCacheError
-    from .pipeline import PipelineError
-
-    return (PipelineError, DatasetError, WeightsNotFoundError, FeatureCacheError, FileNotFoundError, ValueError)
-
-
-def _print_report(report: dict) -> None:
-    from .pipeline import summary_line
-
-    typer.echo(f"bundle: {report['bundle']}")
-    if report.get("iou_mean") is not None:
-        typer.echo(f"concept-map IoU on the test split (half-max threshold): {report['iou_mean']:.3f} (trained maps) "
-                   f"vs {report['iou_baseline_mean']:.3f} (position-blind baseline); with the paper's mean threshold: "
-                   f"{report['iou_mean_paper_rule']:.3f} vs {report['iou_baseline_mean_paper_rule']:.3f}")
-    ex = report["explanation"]
-    typer.echo(f"explanation of {ex['image']} (true class {ex['true_class']!r}):")
-    typer.echo(report["_explanation_text"])
-    typer.echo(summary_line(report))
-
 
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help=CONFIG_HELP)]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", "-d", help=DATA_HELP)]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help=OUT_HELP)]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 or auto.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info logs.")]
+
+
+def training_errors() -> dict[type, int]:
+    """What a training command reports as a usage/input error (exit 2) rather than a bug."""
+    from .backbones import WeightsNotFoundError
+    from .data.folder import DatasetError
+    from .features import FeatureCacheError
+    from .pipeline import PipelineError
+
+    return {kind: EXIT_USAGE for kind in (PipelineError, DatasetError, WeightsNotFoundError, FeatureCacheError,
+                                          FileNotFoundError, ValueError)}
 
 
 def _run_stage(stage: str, config: str, data: Optional[Path], out: Path, device: Optional[str], quiet: bool):
-    """Build the run context and run ``training.pipeline.<stage>``; expected errors exit 2 with a message."""
-    try:
-        from . import pipeline
+    """Build the run context and run ``training.pipeline.<stage>``; returns ``(ctx, result)``."""
+    from . import pipeline
+    from .config import load_config
 
-        ctx = _context(config, data, out, device, quiet)
-        return ctx, getattr(pipeline, stage)(ctx)
-    except _expected_errors() as exc:
-        _fail(exc)
+    if quiet:
+        configure_logging(-1)
+    cfg = load_config(config)
+    if device:
+        cfg.device = device
+    ctx = pipeline.make_context(cfg, data, out, progress=not quiet)
+    return ctx, getattr(pipeline, stage)(ctx)
+
+
+def _print_report(report) -> None:
+    from .pipeline import summary_line
+
+    doc = report.to_json()
+    typer.echo(f"bundle: {report.bundle}")
+    if doc.get("iou_mean") is not None:
+        typer.echo(f"concept-map IoU on the test split (half-max threshold): {doc['iou_mean']:.3f} (trained maps) "
+                   f"vs {doc['iou_baseline_mean']:.3f} (position-blind baseline); with the paper's mean threshold: "
+                   f"{doc['iou_mean_paper_rule']:.3f} vs {doc['iou_baseline_mean_paper_rule']:.3f}")
+    typer.echo(f"explanation of {report.explained_image} (true class {report.true_class!r}):")
+    typer.echo(report.explanation.describe())
+    typer.echo(summary_line(doc))
 
 
 def backbone(config: ConfigOpt, out: OutOpt, data: DataOpt = None, device: DeviceOpt = None,
@@ -96,12 +84,10 @@ def all_(config: ConfigOpt, out: OutOpt, data: DataOpt = None, device: DeviceOpt
     """Everything: backbone (if the preset trains one) -> features -> similarities -> CBL -> head -> bundle -> report."""
     _, report = _run_stage("run_all", config, data, out, device, quiet)
     _print_report(report)
-    typer.echo(f"wall time {report['wall_seconds']:.0f} s")
+    typer.echo(f"wall time {report.wall_seconds:.0f} s")
 
 
 def register(train_app: typer.Typer, data_app: typer.Typer) -> None:
     """Add this part's commands to the `train` and `data` apps."""
-    train_app.command("backbone")(backbone)
-    train_app.command("cbl")(cbl)
-    train_app.command("head")(head)
-    train_app.command("all")(all_)
+    for name, fn in (("backbone", backbone), ("cbl", cbl), ("head", head), ("all", all_)):
+        command(train_app, name, errors=training_errors)(fn)

@@ -14,6 +14,7 @@ run separately; `train all` runs them in order.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -24,6 +25,9 @@ import torch
 
 from .backbones import BackboneSpec, build_backbone
 from .config import SalfConfig
+from .data.folder import read_dataset_info
+from .explain import Explanation
+from .runtime import atomic_write_json, resolve_device, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +75,6 @@ class Context:
 
     @property
     def device(self) -> torch.device:
-        from .head import resolve_device
-
         return resolve_device(self.cfg.device)
 
 
@@ -80,8 +82,6 @@ def make_context(cfg: SalfConfig, data: str | Path | None, out: str | Path, prog
     root = data or cfg.data
     if root is None:
         raise PipelineError("no dataset: pass --data DATA or set \"data\" in the config")
-    from .data.folder import read_dataset_info
-
     info = read_dataset_info(root)  # fails early with a clear DatasetError
     missing = [s for s in ("train", "test") if not (Path(root) / s).is_dir()]
     if missing:
@@ -95,10 +95,14 @@ def make_context(cfg: SalfConfig, data: str | Path | None, out: str | Path, prog
     return Context(cfg, Path(root), run, progress)
 
 
-def _json_write(path: Path, doc: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
-    tmp.replace(path)
+@contextlib.contextmanager
+def _timed(ctx: Context, name: str):
+    """Adds the block's wall time to ``ctx.timings[name]`` (report.json's ``timings_s``)."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        ctx.timings[name] = time.perf_counter() - t
 
 
 def _split(ctx: Context, split: str):
@@ -112,11 +116,10 @@ def stage_backbone(ctx: Context) -> Path:
     """Train the backbone on the train split (stand-in for pre-training); returns the weights path."""
     from .backbone_train import train_backbone
 
-    t = time.perf_counter()
     ds = _split(ctx, "train")
-    result = train_backbone(ctx.cfg.backbone, ds, len(ds.classes), ctx.cfg.backbone_train, ctx.run.backbone,
-                            ctx.cfg.seed, ctx.device, ctx.cfg.num_workers, ctx.progress)
-    ctx.timings["backbone"] = time.perf_counter() - t
+    with _timed(ctx, "backbone"):
+        result = train_backbone(ctx.cfg.backbone, ds, len(ds.classes), ctx.cfg.backbone_train, ctx.run.backbone,
+                                ctx.cfg.seed, ctx.device, ctx.cfg.num_workers, ctx.progress)
     return result.path
 
 
@@ -148,7 +151,7 @@ def images_fingerprint(paths) -> str:
 
 def _weights_digest(spec: BackboneSpec) -> str | None:
     if spec.weights and Path(spec.weights).is_file():
-        from .bundle import sha256_file
+        from .runtime import sha256_file
 
         return sha256_file(Path(spec.weights))
     return spec.weights
@@ -159,20 +162,18 @@ def stage_features(ctx: Context, split: str, backbone=None):
     """Cache the grid features of ``split`` (reused when the key matches); returns a FeatureCache."""
     from .features import build_feature_cache
 
-    t = time.perf_counter()
-    spec = backbone_spec(ctx)
-    backbone = backbone or build_backbone(spec).to(ctx.device)
-    dataset = _split(ctx, split)
-    # The image fingerprint is in the key: the path and count alone reused a stale cache after the
-    # dataset at the same path was regenerated (e.g. `data synth` with another seed).
-    key = {"backbone": {**spec.to_dict(), "weights": _weights_digest(spec)}, "split": split,
-           "data": str(ctx.data.resolve()), "images": images_fingerprint(dataset.paths)}
-    cache = build_feature_cache(backbone, dataset, ctx.cfg.grid, ctx.run.features / split, key,
-                                batch_size=ctx.cfg.cbl.feature_batch_size, shard_size=ctx.cfg.cbl.shard_size,
-                                dtype=ctx.cfg.cbl.feature_cache_dtype, num_workers=ctx.cfg.num_workers,
-                                progress=ctx.progress)
-    ctx.timings[f"features_{split}"] = time.perf_counter() - t
-    return cache
+    with _timed(ctx, f"features_{split}"):
+        spec = backbone_spec(ctx)
+        backbone = backbone or build_backbone(spec).to(ctx.device)
+        dataset = _split(ctx, split)
+        # The image fingerprint is in the key: the path and count alone reused a stale cache after the
+        # dataset at the same path was regenerated (e.g. `data synth` with another seed).
+        key = {"backbone": {**spec.to_dict(), "weights": _weights_digest(spec)}, "split": split,
+               "data": str(ctx.data.resolve()), "images": images_fingerprint(dataset.paths)}
+        return build_feature_cache(backbone, dataset, ctx.cfg.grid, ctx.run.features / split, key,
+                                   batch_size=ctx.cfg.cbl.feature_batch_size, shard_size=ctx.cfg.cbl.shard_size,
+                                   dtype=ctx.cfg.cbl.feature_cache_dtype, num_workers=ctx.cfg.num_workers,
+                                   progress=ctx.progress)
 
 
 # ----------------------------------------------------------------------------- similarity source
@@ -187,9 +188,8 @@ def stage_similarity(ctx: Context):
     if cfg.similarity.source == "clip":
         from .clip.pipeline import build_clip_source  # lazy: open_clip only when asked for
 
-        t = time.perf_counter()
-        source, _kept = build_clip_source(cfg, ctx.data, ctx.run.root)
-        ctx.timings["similarities"] = time.perf_counter() - t
+        with _timed(ctx, "similarities"):
+            source, _kept = build_clip_source(cfg, ctx.data, ctx.run.root)
         return source, {"model": cfg.clip.model, "pretrained": cfg.clip.pretrained}
     raise PipelineError(f"unknown similarity source {cfg.similarity.source!r}")
 
@@ -197,32 +197,32 @@ def stage_similarity(ctx: Context):
 # ----------------------------------------------------------------------------- cbl
 def stage_cbl(ctx: Context, train_cache=None):
     """Train the CBL and write ``RUN/cbl``; returns the CBLResult."""
-    from safetensors.torch import save_file
-
     from .cbl import carve_validation, train_cbl
 
     cache = train_cache or stage_features(ctx, "train")
     source, clip_info = stage_similarity(ctx)
     if len(source.concepts) == 0:
         raise PipelineError("the similarity source has no concepts")
-    t = time.perf_counter()
-    split = carve_validation(len(cache), ctx.cfg.cbl.val_fraction, ctx.cfg.seed, cache.labels())
-    result = train_cbl(cache, source, split, ctx.cfg.cbl, ctx.cfg.seed, ctx.device, ctx.progress)
-    ctx.timings["cbl"] = time.perf_counter() - t
-    ctx.run.cbl.mkdir(parents=True, exist_ok=True)
-    tmp = ctx.run.cbl / "cbl.safetensors.tmp"
-    save_file({"weight": result.weight.contiguous()}, str(tmp))
-    tmp.replace(ctx.run.cbl / "cbl.safetensors")
-    _json_write(ctx.run.cbl / "cbl.json", {
+    with _timed(ctx, "cbl"):
+        split = carve_validation(len(cache), ctx.cfg.cbl.val_fraction, ctx.cfg.seed, cache.labels())
+        result = train_cbl(cache, source, split, ctx.cfg.cbl, ctx.cfg.seed, ctx.device, ctx.progress)
+    _save_cbl(ctx, result, source, split, cache, clip_info)
+    return result
+
+
+def _save_cbl(ctx: Context, result, source, split, cache, clip_info) -> None:
+    """``RUN/cbl``: the kept concepts' weights and ``cbl.json`` (so `train head` runs on its own)."""
+    save_tensors(ctx.run.cbl / "cbl.safetensors", {"weight": result.weight})
+    atomic_write_json(ctx.run.cbl / "cbl.json", {
         "concepts": result.concepts, "all_concepts": list(source.concepts), "kept": result.kept,
         "val_indices": split.val_indices, "train_indices": split.train_indices,
         "features_key": cache.manifest["key"],
         "similarity": {"source": ctx.cfg.similarity.source, "radius": ctx.cfg.radius},
         "clip": clip_info, **result.record()})
-    return result
 
 
 def _load_cbl(ctx: Context) -> tuple[torch.Tensor, dict]:
+    """The trained CBL weight and its ``cbl.json``."""
     from safetensors.torch import load_file
 
     path = ctx.run.cbl / "cbl.safetensors"
@@ -231,93 +231,169 @@ def _load_cbl(ctx: Context) -> tuple[torch.Tensor, dict]:
     return load_file(str(path))["weight"], json.loads((ctx.run.cbl / "cbl.json").read_text())
 
 
-# ----------------------------------------------------------------------------- head + bundle + evaluation
-def stage_head(ctx: Context, train_cache=None) -> dict:
-    """Fit the head, build and save the bundle, evaluate on the test split, write report.json."""
-    from .bundle import BundleMeta, save_bundle
-    from .evaluate import concept_activations, evaluate, pooled_cache_features
-    from .explain import explain_maps
-    from .head import fit_dense, fit_path, standardisation
-    from .model import SalfCBM
+def _check_cbl_features(info: dict, cache) -> None:
+    """The CBL's split indices and weights belong to the features it was trained on: a cache rebuilt
+    since (other images, backbone or grid) would silently pair them with other images."""
+    if info.get("features_key") is not None and info["features_key"] != cache.manifest["key"]:
+        raise PipelineError("the train features changed since `salfctl train cbl` ran (other images, backbone or "
+                            "grid); rerun `salfctl train cbl` before `train head`")
 
-    cfg = ctx.cfg
+
+# ----------------------------------------------------------------------------- head + bundle + evaluation
+@dataclass
+class ConceptData:
+    """Standardised concept scores of the train-split features under the trained CBL."""
+    scores: torch.Tensor  # [N, M] standardised c*
+    labels: torch.Tensor  # [N] int64
+    mean: torch.Tensor  # [M] train mean of the pooled scores
+    std: torch.Tensor  # [M] train std
+    mean_map: torch.Tensor  # [M, Gh, Gw] mean training map (position-blind baseline)
+    train: list[int]  # indices of the head's train part (the CBL's split)
+    val: list[int]  # indices of its validation part
+
+
+@dataclass
+class TrainReport:
+    """What `train head` / `train all` measured and wrote; ``report.json`` is :meth:`to_json`."""
+    bundle: Path
+    metrics: dict  # accuracies, sparsity, concepts kept, IoU vs baseline (also in bundle.json)
+    dropped_concepts: list[dict]
+    explanation: Explanation
+    explained_image: str
+    true_class: str
+    timings_s: dict[str, float]
+    config: dict
+    wall_seconds: float | None = None
+
+    def to_json(self) -> dict:
+        doc = {"bundle": str(self.bundle), **self.metrics, "dropped_concepts": self.dropped_concepts,
+               "explanation": {"image": self.explained_image, "true_class": self.true_class,
+                               **self.explanation.to_dict()},
+               "timings_s": {k: round(v, 2) for k, v in self.timings_s.items()}, "config": self.config}
+        if self.wall_seconds is not None:
+            doc["wall_seconds"] = round(self.wall_seconds, 1)
+        return _finite(doc)
+
+    def write(self, path: Path) -> None:
+        atomic_write_json(path, self.to_json())
+
+
+def stage_head(ctx: Context, train_cache=None) -> TrainReport:
+    """Fit the head, build and save the bundle, evaluate on the test split, write report.json."""
     weight, info = _load_cbl(ctx)
     cache = train_cache or stage_features(ctx, "train")
-    # The CBL's split indices and weights belong to the features it was trained on: a cache rebuilt
-    # since (other images, backbone or grid) would silently pair them with other images.
-    if info.get("features_key") is not None and info["features_key"] != cache.manifest["key"]:
-        raise PipelineError(f"the train features changed since `salfctl train cbl` ran (other images, backbone or "
-                            f"grid); rerun `salfctl train cbl` before `train head`")
+    _check_cbl_features(info, cache)
+    with _timed(ctx, "head"):
+        data = _concept_data(ctx, cache, weight, info)
+        head = _fit_head(ctx, data)
+    with _timed(ctx, "dense_baseline"):
+        dense, feature_norm = _dense_baseline(ctx, cache, data)
+    model = _assemble(ctx, cache, weight, head, data, len(info["concepts"]))
+    test = _split(ctx, "test")
+    with _timed(ctx, "evaluate"):
+        from .evaluate import evaluate
+
+        ev = evaluate(model, info["concepts"], test, dense, feature_norm, data.mean_map,
+                      batch_size=ctx.cfg.cbl.feature_batch_size, num_workers=ctx.cfg.num_workers,
+                      device=ctx.device, progress=ctx.progress)
+    metrics = _metrics(ev, head, dense, info)
+    _save_bundle(ctx, model, cache, info, head, test.classes, metrics)
+    report = _report(ctx, ev, head, info, test, metrics)
+    report.write(ctx.run.report)
+    return report
+
+
+def _concept_data(ctx: Context, cache, weight: torch.Tensor, info: dict) -> ConceptData:
+    from .evaluate import concept_activations
+    from .head import standardisation
+
+    c_all, y_all, mean_map, _ = concept_activations(cache, weight, ctx.cfg.pooling, device=ctx.device)
     tr, va = info["train_indices"], info["val_indices"]
-    t = time.perf_counter()
-    c_all, y_all, mean_map, _ = concept_activations(cache, weight, cfg.pooling, device=ctx.device)
     mean, std = standardisation(c_all[tr])
-    x_tr, x_va = (c_all[tr] - mean) / std, (c_all[va] - mean) / std
-    num_classes = len(_split(ctx, "train").classes)
-    hc = cfg.head
+    return ConceptData((c_all - mean) / std, y_all, mean, std, mean_map, tr, va)
+
+
+def _num_classes(ctx: Context) -> int:
+    return len(read_dataset_info(ctx.data).classes)
+
+
+def _fit_head(ctx: Context, d: ConceptData):
+    """The preset's head: dense, a fixed lambda, or the regularisation path to a sparsity budget."""
+    from .head import HeadFit, accuracy, fit_dense, fit_elastic_net, fit_path
+
+    hc, n = ctx.cfg.head, _num_classes(ctx)
+    x_tr, y_tr, x_va, y_va = d.scores[d.train], d.labels[d.train], d.scores[d.val], d.labels[d.val]
     if hc.dense:
-        head = fit_dense(x_tr, y_all[tr], num_classes, hc.dense_lam, x_va, y_all[va], hc.max_iters, hc.tol, ctx.device)
-    elif hc.lam is not None:
-        from .head import HeadFit, accuracy, fit_elastic_net
+        return fit_dense(x_tr, y_tr, n, hc.dense_lam, x_va, y_va, hc.max_iters, hc.tol, ctx.device)
+    if hc.lam is not None:
+        res = fit_elastic_net(x_tr, y_tr, n, hc.lam, hc.alpha, None, hc.max_iters, hc.tol, ctx.device)
+        return HeadFit(res.weight, res.bias, hc.lam, hc.alpha, False, accuracy(x_tr, y_tr, res.weight, res.bias),
+                       accuracy(x_va, y_va, res.weight, res.bias))
+    return fit_path(x_tr, y_tr, n, hc.alpha, hc.target_nonzero_per_class, hc.path_length, hc.path_min_ratio,
+                    x_va, y_va, hc.max_iters, hc.tol, ctx.device, ctx.progress)
 
-        res = fit_elastic_net(x_tr, y_all[tr], num_classes, hc.lam, hc.alpha, None, hc.max_iters, hc.tol, ctx.device)
-        head = HeadFit(res.weight, res.bias, hc.lam, hc.alpha, False, accuracy(x_tr, y_all[tr], res.weight, res.bias),
-                       accuracy(x_va, y_all[va], res.weight, res.bias))
-    else:
-        head = fit_path(x_tr, y_all[tr], num_classes, hc.alpha, hc.target_nonzero_per_class, hc.path_length,
-                        hc.path_min_ratio, x_va, y_all[va], hc.max_iters, hc.tol, ctx.device, ctx.progress)
-    ctx.timings["head"] = time.perf_counter() - t
 
-    # dense baseline: same backbone, dense linear head on pooled backbone features (same split)
-    t = time.perf_counter()
+def _dense_baseline(ctx: Context, cache, d: ConceptData):
+    """Same backbone, dense linear head on pooled backbone features, same split: ``(fit, (mean, std))``."""
+    from .evaluate import pooled_cache_features
+    from .head import fit_dense, standardisation
+
+    hc = ctx.cfg.head
     f_all, _ = pooled_cache_features(cache)
-    f_mean, f_std = standardisation(f_all[tr])
-    dense = fit_dense((f_all[tr] - f_mean) / f_std, y_all[tr], num_classes, hc.dense_lam,
-                      (f_all[va] - f_mean) / f_std, y_all[va], hc.max_iters, hc.tol, ctx.device)
-    ctx.timings["dense_baseline"] = time.perf_counter() - t
+    f_mean, f_std = standardisation(f_all[d.train])
+    f_all = (f_all - f_mean) / f_std
+    fit = fit_dense(f_all[d.train], d.labels[d.train], _num_classes(ctx), hc.dense_lam, f_all[d.val],
+                    d.labels[d.val], hc.max_iters, hc.tol, ctx.device)
+    return fit, (f_mean, f_std)
 
-    spec = backbone_spec(ctx)
-    backbone = build_backbone(spec)
-    model = SalfCBM(backbone, cache.feature_dim, len(info["concepts"]), num_classes, cfg.grid, cfg.pooling)
+
+def _assemble(ctx: Context, cache, weight: torch.Tensor, head, d: ConceptData, num_concepts: int):
+    """The SALF-CBM: backbone, trained CBL, head and standardisation, in eval mode."""
+    from .model import SalfCBM
+
+    model = SalfCBM(build_backbone(backbone_spec(ctx)), cache.feature_dim, num_concepts, _num_classes(ctx),
+                    ctx.cfg.grid, ctx.cfg.pooling)
     with torch.no_grad():
         model.cbl.conv.weight.copy_(weight)
         model.head.linear.weight.copy_(head.weight)
         model.head.linear.bias.copy_(head.bias)
-        model.head.concept_mean.copy_(mean)
-        model.head.concept_std.copy_(std)
-    model.eval()
+        model.head.concept_mean.copy_(d.mean)
+        model.head.concept_std.copy_(d.std)
+    return model.eval()
 
-    t = time.perf_counter()
-    test = _split(ctx, "test")
-    ev = evaluate(model, info["concepts"], test, dense, (f_mean, f_std), mean_map,
-                  batch_size=cfg.cbl.feature_batch_size, num_workers=cfg.num_workers, device=ctx.device,
-                  progress=ctx.progress)
-    ctx.timings["evaluate"] = time.perf_counter() - t
-    ex = ev.example
-    explanation = explain_maps(ex["maps"], ex["scores"], ex["logits"], head.weight, info["concepts"], test.classes,
-                               spec.input_size, k=3)
-    explanation_doc = {"image": str(test.paths[ex["index"]]), "true_class": test.classes[ex["label"]],
-                       **explanation.to_dict()}
 
-    nz_per_class = [int(v) for v in (head.weight != 0).sum(dim=1)]
-    metrics = {**ev.to_dict(), "head_val_accuracy": head.val_accuracy, "head_train_accuracy": head.train_accuracy,
-               "dense_baseline_val_accuracy": dense.val_accuracy,
-               "nonzero_weights": head.nonzero, "nonzero_per_class": nz_per_class,
-               "concepts_kept": len(info["concepts"]), "concepts_total": len(info["all_concepts"])}
+def _metrics(ev, head, dense, info: dict) -> dict:
+    return _finite({**ev.to_dict(), "head_val_accuracy": head.val_accuracy,
+                    "head_train_accuracy": head.train_accuracy, "dense_baseline_val_accuracy": dense.val_accuracy,
+                    "nonzero_weights": head.nonzero,
+                    "nonzero_per_class": [int(v) for v in (head.weight != 0).sum(dim=1)],
+                    "concepts_kept": len(info["concepts"]), "concepts_total": len(info["all_concepts"])})
+
+
+def _save_bundle(ctx: Context, model, cache, info: dict, head, classes: list[str], metrics: dict) -> Path:
+    from .bundle import BundleMeta, save_bundle
+
+    cfg = ctx.cfg
     training = {"seed": cfg.seed, "config": cfg.to_dict(), "data": str(ctx.data),
                 "validation_split": info["validation_split"], "dropped_concepts": info["dropped"],
                 "cbl": {k: info[k] for k in ("best_epoch", "epochs_run", "val_similarity")},
                 "head": {k: v for k, v in head.summary().items() if k != "path"}, "head_path": head.summary()["path"]}
-    meta = BundleMeta(backbone=spec, feature_dim=cache.feature_dim, concepts=info["concepts"], classes=test.classes,
-                      grid=cfg.grid, radius=cfg.radius, pooling=cfg.pooling, clip=info.get("clip"),
-                      similarity=info["similarity"], training=training, metrics=_finite(metrics))
-    save_bundle(ctx.run.bundle, model, meta)
-    report = {"bundle": str(ctx.run.bundle), **_finite(metrics), "dropped_concepts": info["dropped"],
-              "explanation": explanation_doc, "timings_s": {k: round(v, 2) for k, v in ctx.timings.items()},
-              "config": cfg.to_dict()}
-    _json_write(ctx.run.report, report)
-    report["_explanation_text"] = explanation.describe()
-    return report
+    meta = BundleMeta(backbone=backbone_spec(ctx), feature_dim=cache.feature_dim, concepts=info["concepts"],
+                      classes=classes, grid=cfg.grid, radius=cfg.radius, pooling=cfg.pooling, clip=info.get("clip"),
+                      similarity=info["similarity"], training=training, metrics=metrics)
+    return save_bundle(ctx.run.bundle, model, meta)
+
+
+def _report(ctx: Context, ev, head, info: dict, test, metrics: dict) -> TrainReport:
+    """The report, with the explanation of one test image (the gateway's ranking of concepts)."""
+    from .explain import explain_maps
+
+    ex = ev.example
+    explanation = explain_maps(ex["maps"], ex["scores"], ex["logits"], head.weight, info["concepts"], test.classes,
+                               ctx.cfg.backbone.input_size, k=3)
+    return TrainReport(bundle=ctx.run.bundle, metrics=metrics, dropped_concepts=info["dropped"],
+                       explanation=explanation, explained_image=str(test.paths[ex["index"]]),
+                       true_class=test.classes[ex["label"]], timings_s=dict(ctx.timings), config=ctx.cfg.to_dict())
 
 
 def _finite(doc):
@@ -331,7 +407,7 @@ def _finite(doc):
     return doc
 
 
-def run_all(ctx: Context) -> dict:
+def run_all(ctx: Context) -> TrainReport:
     """`train all`: backbone (if the preset asks) -> features -> similarities -> CBL -> head -> bundle ->
     evaluation -> report. Returns the report (also in RUN/report.json)."""
     start = time.perf_counter()
@@ -340,13 +416,13 @@ def run_all(ctx: Context) -> dict:
     cache = stage_features(ctx, "train")
     stage_cbl(ctx, cache)
     report = stage_head(ctx, cache)
-    report["wall_seconds"] = round(time.perf_counter() - start, 1)
-    _json_write(ctx.run.report, {k: v for k, v in report.items() if not k.startswith("_")})
+    report.wall_seconds = time.perf_counter() - start
+    report.write(ctx.run.report)
     return report
 
 
 def summary_line(report: dict) -> str:
-    """The one-line summary `salfctl train` prints at the end."""
+    """The one-line summary `salfctl train` prints at the end (``report``: :meth:`TrainReport.to_json`)."""
     parts = [f"test accuracy {report['test_accuracy']:.3f}"]
     if report.get("dense_baseline_test_accuracy") is not None:
         parts[0] += f" (dense baseline {report['dense_baseline_test_accuracy']:.3f})"
@@ -361,5 +437,5 @@ def summary_line(report: dict) -> str:
     return " | ".join(parts)
 
 
-__all__ = ["Context", "PipelineError", "RunPaths", "backbone_spec", "make_context", "run_all", "stage_backbone",
+__all__ = ["ConceptData", "Context", "PipelineError", "RunPaths", "TrainReport", "backbone_spec", "make_context", "run_all", "stage_backbone",
            "stage_cbl", "stage_features", "stage_head", "stage_similarity", "summary_line"]

@@ -177,7 +177,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from clients.cli import configure_logging
+
+    configure_logging(-1)
     grid = tuple(int(v) for v in args.grid.lower().split("x"))
     res = run_bench(args.clip, args.clip_pretrained, args.images, grid, args.radius, args.batch_size, args.device,
                     args.precision, args.compile, args.data, args.naive_images, args.repeats)

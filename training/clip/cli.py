@@ -4,6 +4,7 @@ Heavy imports (torch, open_clip) happen inside the commands so that `salfctl --h
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -11,12 +12,21 @@ from typing import Optional
 
 import typer
 
+from clients.cli import EXIT_USAGE, Verbose, command, configure_logging, fail
+
 log = logging.getLogger(__name__)
 
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+def clip_errors() -> dict[type, int]:
+    """Expected failures of the CLIP stages (exit 2 with the message)."""
+    from training.data.folder import DatasetError
+
+    from .concepts import ConceptGenerationError
+    from .encode import ClipWeightsNotFoundError
+    from .similarities import CacheError
+
+    return {kind: EXIT_USAGE for kind in (ClipWeightsNotFoundError, ConceptGenerationError, DatasetError, CacheError,
+                                          FileNotFoundError, ValueError)}
 
 
 def _load_cfg(config: Optional[str]):
@@ -45,12 +55,6 @@ def _parse_grid(text: str) -> tuple[int, int]:
     return gh, gw
 
 
-def _logging(verbose: bool) -> None:
-    # Root stays at WARNING: open_clip logs its own chatter through the root logger.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("training").setLevel(logging.INFO if verbose else logging.WARNING)
-
-
 def concepts(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for concepts.txt and report.json."),
     data: Optional[Path] = typer.Option(None, "--data", help="Dataset root: classes, and train images for the "
@@ -77,47 +81,34 @@ def concepts(
     top5_cutoff: Optional[float] = typer.Option(None, "--top5-cutoff", help="Drop if the mean top-5 image "
                                                 "similarity is below this."),
     no_image_filter: bool = typer.Option(False, "--no-image-filter", help="Skip the top-5 image filter."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: Verbose = False,
 ) -> None:
     """Build the concept list: a user list or an LLM's, filtered as in the paper (3.1)."""
-    _logging(verbose)
-    from training.data.folder import DatasetError
-
-    from .concepts import ConceptGenerationError, LLMEndpoint, generate_concepts
-    from .encode import ClipWeightsNotFoundError
+    if verbose:
+        configure_logging(1)
+    from .concepts import LLMEndpoint, generate_concepts
     from .pipeline import encoder_from_config, read_concept_file, run_concept_stage, settings_from_config, split_images
 
     cfg = _load_cfg(config)
     _apply_clip_overrides(cfg, clip, clip_pretrained, device, None)
     if classes_file is None and data is None:
-        _fail("pass --data DATA (its classes.txt) or --classes FILE")
-    try:
-        class_names = read_concept_file(classes_file or Path(data) / "classes.txt")
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
+        fail("pass --data DATA (its classes.txt) or --classes FILE")
+    class_names = read_concept_file(classes_file or Path(data) / "classes.txt")
     out.mkdir(parents=True, exist_ok=True)
     if generate:
         if concepts_file is not None:
-            _fail("pass either --concepts FILE or --generate, not both")
+            fail("pass either --concepts FILE or --generate, not both")
         if not llm_base_url or not llm_model:
-            _fail("--generate needs --llm-base-url/OPENAI_BASE_URL and --llm-model/OPENAI_MODEL")
+            fail("--generate needs --llm-base-url/OPENAI_BASE_URL and --llm-model/OPENAI_MODEL")
         endpoint = LLMEndpoint(llm_base_url, llm_model, llm_api_key, timeout_s=llm_timeout)
-        try:
-            initial, answers = generate_concepts(class_names, endpoint)
-        except ConceptGenerationError as exc:
-            _fail(str(exc))
-        import json
-
+        initial, answers = generate_concepts(class_names, endpoint)
         (out / "generated.json").write_text(json.dumps({"endpoint": llm_base_url, "model": llm_model,
                                                         "answers": answers, "concepts": initial}, indent=1) + "\n")
     else:
         source = concepts_file or (Path(data) / "concepts.txt" if data else None)
         if source is None:
-            _fail("no concept list: pass --concepts FILE, --data DATA with a concepts.txt, or --generate")
-        try:
-            initial = read_concept_file(source)
-        except (FileNotFoundError, ValueError) as exc:
-            _fail(str(exc))
+            fail("no concept list: pass --concepts FILE, --data DATA with a concepts.txt, or --generate")
+        initial = read_concept_file(source)
     settings = settings_from_config(cfg)
     for name, value in (("max_length", max_length), ("class_cutoff", class_cutoff),
                         ("concept_cutoff", concept_cutoff), ("top5_cutoff", top5_cutoff)):
@@ -128,17 +119,11 @@ def concepts(
     paths = names = None
     if settings.top5_cutoff is not None:
         if data is None:
-            _fail("the top-5 image filter needs --data (training images); or pass --no-image-filter")
-        try:
-            paths, names = split_images(data)
-        except DatasetError as exc:
-            _fail(str(exc))
-    try:
-        encoder = encoder_from_config(cfg)
-        result = run_concept_stage(encoder, initial, class_names, settings, out, paths, names,
-                                   cfg.clip.batch_size, cfg.clip.num_workers)
-    except (ClipWeightsNotFoundError, DatasetError, ValueError) as exc:
-        _fail(str(exc))
+            fail("the top-5 image filter needs --data (training images); or pass --no-image-filter")
+        paths, names = split_images(data)
+    encoder = encoder_from_config(cfg)
+    result = run_concept_stage(encoder, initial, class_names, settings, out, paths, names,
+                               cfg.clip.batch_size, cfg.clip.num_workers)
     typer.echo(f"{len(result.kept)} of {len(initial)} concepts kept -> {out / 'concepts.txt'} "
                f"(report: {out / 'report.json'})")
 
@@ -161,18 +146,16 @@ def similarities(
     precision: Optional[str] = typer.Option(None, "--precision", help="auto / fp32 / bf16 / fp16."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the image encoder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache built with other settings."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: Verbose = False,
 ) -> None:
     """Red-circle prompt embeddings of every image (paper 3.2): resumable shards + manifest.
 
     Under torchrun each rank takes its own shards; rerun the same command to resume after a kill.
     """
-    _logging(verbose)
-    from training.data.folder import DatasetError
-
-    from .encode import ClipWeightsNotFoundError
+    if verbose:
+        configure_logging(1)
     from .pipeline import clip_radius, encoder_from_config, split_images
-    from .similarities import CacheError, compute_prompt_embeddings
+    from .similarities import compute_prompt_embeddings
 
     cfg = _load_cfg(config)
     _apply_clip_overrides(cfg, clip, clip_pretrained, device, batch_size)
@@ -188,21 +171,18 @@ def similarities(
         if torch.cuda.is_available():
             cfg.clip.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     grid_hw = _parse_grid(grid) if grid else tuple(cfg.grid)
-    try:
-        paths, names = split_images(data, split)
-        encoder = encoder_from_config(cfg)
-        r = radius if radius is not None else clip_radius(cfg, encoder.image_size)
-        manifest = compute_prompt_embeddings(paths, names, encoder, out, grid_hw, r,
-                                             shard_size=cfg.clip.shard_size, batch_size=cfg.clip.batch_size,
-                                             num_workers=cfg.clip.num_workers, compile=compile or cfg.clip.compile,
-                                             overwrite=overwrite)
-    except (ClipWeightsNotFoundError, DatasetError, CacheError, ValueError) as exc:
-        _fail(str(exc))
+    paths, names = split_images(data, split)
+    encoder = encoder_from_config(cfg)
+    r = radius if radius is not None else clip_radius(cfg, encoder.image_size)
+    manifest = compute_prompt_embeddings(paths, names, encoder, out, grid_hw, r,
+                                         shard_size=cfg.clip.shard_size, batch_size=cfg.clip.batch_size,
+                                         num_workers=cfg.clip.num_workers, compile=compile or cfg.clip.compile,
+                                         overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"prompt embeddings of {len(names)} images ({grid_hw[0]}x{grid_hw[1]} grid, r={r}) -> {manifest}")
 
 
 def register(train_app: typer.Typer, data_app: typer.Typer) -> None:
     """Add this part's commands to the `train` and `data` apps."""
-    train_app.command("concepts")(concepts)
-    train_app.command("similarities")(similarities)
+    command(train_app, "concepts", errors=clip_errors)(concepts)
+    command(train_app, "similarities", errors=clip_errors)(similarities)

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from clients.cli import EXIT_USAGE, command
+
 
 def synth(
     out: Path = typer.Option(..., "--out", "-o", help="Dataset root to create (ImageFolder layout + masks)."),
@@ -30,12 +32,8 @@ def synth(
     for split, value in zip(synth_lib.SPLITS, (train_per_class, val_per_class, test_per_class)):
         if value is not None:
             per_class[split] = value
-    try:
-        summary = synth_lib.generate(out, seed=seed, per_class=per_class, image_size=image_size,
-                                     workers=max(1, workers), overwrite=overwrite)
-    except (ValueError, FileExistsError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    summary = synth_lib.generate(out, seed=seed, per_class=per_class, image_size=image_size,
+                                 workers=max(1, workers), overwrite=overwrite)
     counts = summary.counts
     verb = "kept (same parameters)" if summary.extra.get("reused") else "wrote"
     typer.echo(f"{verb} {summary.root}: {summary.num_classes} classes, {summary.num_concepts} concepts, "
@@ -61,20 +59,16 @@ def roi(
 
     from .folder import DatasetError, ImageFolderSplit
 
-    try:
-        ds = ImageFolderSplit(data, split)
-        masks = ds.load_masks(index)
-        names = ds.concepts or []
-        wanted = concept or [n for n in names if "background" not in n and n != "grass"]
-        unknown = sorted(set(wanted) - set(names))
-        if unknown:
-            raise DatasetError(f"unknown concept(s) {unknown}; the dataset has {names}")
-        region = masks[[names.index(n) for n in wanted]].any(axis=0)
-        if not region.any():
-            raise DatasetError(f"concepts {wanted} are absent from {ds.paths[index]}: the ROI would be empty")
-    except (DatasetError, IndexError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+    ds = ImageFolderSplit(data, split)
+    masks = ds.load_masks(index)
+    names = ds.concepts or []
+    wanted = concept or [n for n in names if "background" not in n and n != "grass"]
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        raise DatasetError(f"unknown concept(s) {unknown}; the dataset has {names}")
+    region = masks[[names.index(n) for n in wanted]].any(axis=0)
+    if not region.any():
+        raise DatasetError(f"concepts {wanted} are absent from {ds.paths[index]}: the ROI would be empty")
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(region.astype(np.uint8) * 255).save(out)
     typer.echo(str(ds.paths[index]))
@@ -82,5 +76,5 @@ def roi(
 
 def register(train_app: typer.Typer, data_app: typer.Typer) -> None:
     """Add this part's commands to the `train` and `data` apps."""
-    data_app.command("synth")(synth)
-    data_app.command("roi")(roi)
+    command(data_app, "synth", errors=lambda: {ValueError: EXIT_USAGE, FileExistsError: EXIT_USAGE})(synth)
+    command(data_app, "roi", errors=lambda: {ValueError: EXIT_USAGE, IndexError: EXIT_USAGE})(roi)
