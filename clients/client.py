@@ -18,19 +18,13 @@ from typing import Iterable, Sequence
 
 import grpc
 
+from salf import load_api as _pb
+
 log = logging.getLogger(__name__)
 
 
 class GatewayUnavailable(RuntimeError):
     """The gateway (or its inference backend) cannot be reached or is not ready."""
-
-
-def _pb():
-    try:
-        from salf.v1 import gateway_pb2, gateway_pb2_grpc
-    except ImportError as exc:
-        raise ImportError("the generated gRPC code is missing: run `make proto` (writes salf/v1/)") from exc
-    return gateway_pb2, gateway_pb2_grpc
 
 
 class SalfClient:

@@ -11,10 +11,13 @@ import numpy as np
 from salf.contract import ContractError
 from salf.contract import images as _images
 from salf.contract import regions as _regions
-from salf.contract.images import WIRE_FORMATS as ACCEPTED_FORMATS, DecodedImage, encode_png  # noqa: F401
-from salf.contract.regions import MAX_POINTS  # noqa: F401
+from salf.contract.images import WIRE_FORMATS as ACCEPTED_FORMATS, DecodedImage, encode_png
+from salf.contract.regions import MAX_POINTS
 
 from .errors import InvalidArgument
+
+__all__ = ["ACCEPTED_FORMATS", "MAX_PIXELS", "MAX_POINTS", "DecodedImage", "box_mask", "decode_image", "decode_mask",
+           "encode_png", "points_mask", "require_nonempty"]
 
 # Larger inputs are refused rather than decoded: 64 MP is well above any camera image a client sends
 # for explanation, and bounds the gateway's memory per request.

@@ -22,19 +22,11 @@ from .backends import Backend, EmbeddedBackend, TritonBackend
 from .cache import TTLCache
 from .images import encode_png
 from .metrics import GatewayMetrics
+from salf import load_api as _pb
 from salf.contract.repository import load_model_spec
 from .service import ClassScore, Contribution, Activation, Edit, Gateway, Region
 
 log = logging.getLogger(__name__)
-
-
-def _pb():
-    """The generated ``salf.v1`` modules (``make proto``); imported lazily for a clear error."""
-    try:
-        from salf.v1 import gateway_pb2, gateway_pb2_grpc
-    except ImportError as exc:
-        raise ImportError("the generated gRPC code is missing: run `make proto` (writes salf/v1/)") from exc
-    return gateway_pb2, gateway_pb2_grpc
 
 
 SERVICE_NAME = "salf.v1.Gateway"

@@ -8,7 +8,6 @@ SHA-256). The classifier is thrown away: SALF-CBM only keeps the frozen feature 
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, replace

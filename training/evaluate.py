@@ -25,9 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .features import FeatureCache
 from .head import HeadFit, accuracy
-from .model import SalfCBM, normalize_uint8, pool_maps, resize_to_grid
+from .model import SalfCBM, normalize_uint8, resize_to_grid
 from .runtime import progress as progress_bar
 
 log = logging.getLogger(__name__)
@@ -77,41 +76,6 @@ class IoUAccumulator:
         """``[M]`` IoU, NaN for concepts never present."""
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.images > 0, self.inter / np.maximum(self.union, 1e-12), np.nan)
-
-
-def pooled_cache_features(cache: FeatureCache, indices=None, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Average-pooled grid features ``[N, D]`` float32 and labels ``[N]`` for ``indices`` (cache order)."""
-    xs, ys, idx = [], [], []
-    for b in cache.batches(indices, batch_size):
-        xs.append(b.features.mean(dim=(2, 3)))
-        ys.append(b.labels)
-        idx.append(b.indices)
-    order = torch.cat(idx).argsort()
-    return torch.cat(xs)[order], torch.cat(ys)[order]
-
-
-@torch.no_grad()
-def concept_activations(cache: FeatureCache, cbl_weight: torch.Tensor, pooling: str, indices=None,
-                        batch_size: int = 512, device: torch.device | str = "cpu"
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pooled concept activations (before standardisation) from cached features.
-
-    Returns ``c* [N, M]``, labels ``[N]``, the mean concept map over the selected images
-    ``[M, Gh, Gw]`` (the position-blind baseline), and the dataset indices ``[N]`` (ascending).
-    """
-    w = cbl_weight.to(device)
-    xs, ys, idx = [], [], []
-    map_sum, n = None, 0
-    for b in cache.batches(indices, batch_size):
-        maps = F.conv2d(b.features.to(device), w)
-        xs.append(pool_maps(maps, pooling).cpu())
-        ys.append(b.labels)
-        idx.append(b.indices)
-        s = maps.sum(0).cpu()
-        map_sum = s if map_sum is None else map_sum + s
-        n += len(maps)
-    order = torch.cat(idx).argsort()
-    return torch.cat(xs)[order], torch.cat(ys)[order], map_sum / max(n, 1), torch.cat(idx)[order]
 
 
 @dataclass
@@ -214,5 +178,4 @@ def _named(concepts: list[str], values: np.ndarray) -> dict[str, float | None]:
     return {c: (None if np.isnan(v) else float(v)) for c, v in zip(concepts, values)}
 
 
-__all__ = ["THRESHOLD_RULES", "EvalResult", "IoUAccumulator", "concept_activations", "evaluate", "pooled_cache_features",
-           "threshold_maps"]
+__all__ = ["THRESHOLD_RULES", "EvalResult", "IoUAccumulator", "evaluate", "threshold_maps"]

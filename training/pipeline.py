@@ -304,7 +304,7 @@ def stage_head(ctx: Context, train_cache=None) -> TrainReport:
 
 
 def _concept_data(ctx: Context, cache, weight: torch.Tensor, info: dict) -> ConceptData:
-    from .evaluate import concept_activations
+    from .features import concept_activations
     from .head import standardisation
 
     c_all, y_all, mean_map, _ = concept_activations(cache, weight, ctx.cfg.pooling, device=ctx.device)
@@ -335,7 +335,7 @@ def _fit_head(ctx: Context, d: ConceptData):
 
 def _dense_baseline(ctx: Context, cache, d: ConceptData):
     """Same backbone, dense linear head on pooled backbone features, same split: ``(fit, (mean, std))``."""
-    from .evaluate import pooled_cache_features
+    from .features import pooled_cache_features
     from .head import fit_dense, standardisation
 
     hc = ctx.cfg.head

@@ -15,8 +15,12 @@ from typing import Iterable, TypeVar
 import numpy as np
 import torch
 
-from salf.contract.files import (ChecksumError, atomic_write_bytes, atomic_write_json, atomic_write_text,  # noqa: F401
+from salf.contract.files import (ChecksumError, atomic_write_bytes, atomic_write_json, atomic_write_text,
                                  file_record, read_verified, sha256_bytes, sha256_file)
+
+__all__ = ["ChecksumError", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "file_record",
+           "load_tensors", "progress", "read_verified", "resolve_device", "save_tensors", "seed_everything",
+           "sha256_bytes", "sha256_file"]
 
 T = TypeVar("T")
 

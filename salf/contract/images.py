@@ -63,7 +63,6 @@ def open_image(source: Source, what: str = "image", max_pixels: int | None = Non
     """
     if isinstance(source, (bytes, bytearray)) and not source:
         raise ImageDecodeError(f"{what} is empty: send the encoded bytes of a JPEG, PNG or WebP file")
-    names = "/".join(formats) if formats else "an image"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

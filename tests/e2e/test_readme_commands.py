@@ -5,26 +5,21 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.gateway import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.e2e
 @pytest.mark.timeout(1200)
 def test_make_demo_trains_exports_serves_and_explains(tmp_path):
     demo, repo = tmp_path / "demo", tmp_path / "model_repository"
-    cmd = ["make", "-C", str(ROOT), "demo", f"DEMO={demo}", f"DEMO_REPO={repo}", f"DEMO_PORT={_free_port()}",
+    cmd = ["make", "-C", str(ROOT), "demo", f"DEMO={demo}", f"DEMO_REPO={repo}", f"DEMO_PORT={free_port()}",
            "DEMO_SYNTH_ARGS=--size small"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1150)
     out = proc.stdout + proc.stderr

@@ -4,13 +4,14 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.fixtures.gateway import free_port
 import torch
 
 from training.clip.similarities import CacheError, compute_prompt_embeddings, shard_file
@@ -128,19 +129,13 @@ def test_an_image_replaced_under_the_same_name_is_not_served_from_the_old_cache(
         compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 16, shard_size=1, batch_size=98)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_write_the_same_cache_as_one_process(clip_small_data, reference_cache, tmp_path):
     """The real launcher (torchrun, 2 processes, gloo): each rank encodes its own shards; the cache is
     byte-identical to the single-process one (torchrun also sets OMP_NUM_THREADS=1 per rank)."""
     out = tmp_path / "sim"
     salfctl = Path(sys.executable).parent / "salfctl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(salfctl), *_stage_args(clip_small_data, out)[3:], "-v"]
+           "--master_port", str(free_port()), str(salfctl), *_stage_args(clip_small_data, out)[3:], "-v"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "rank 0/2, 8 shards of mine" in res.stderr and "rank 1/2, 8 shards of mine" in res.stderr
