@@ -63,7 +63,7 @@ class SalfClient:
         except ImportError as exc:
             raise GatewayUnavailable(f"running without --url needs the serving extra (pip install '.[serve]'): {exc}") from exc
         server = GatewayServer(ServeConfig(model_repository=Path(model_repository), triton_url=triton_url,
-                                           host="127.0.0.1", port=0, metrics_port=None, max_workers=4)).start()
+                                           host="127.0.0.1", port=0, metrics_port=None, max_in_flight=8)).start()
         return cls(f"127.0.0.1:{server.port}", timeout, _server=server)._checked()
 
     def _checked(self) -> "SalfClient":

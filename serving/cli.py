@@ -1,4 +1,7 @@
-"""`salfctl serve`: the gRPC gateway (see clients/salfctl.py). Heavy imports happen inside the command."""
+"""`salfctl serve`: the gRPC gateway (see clients/salfctl.py). Heavy imports happen inside the command.
+
+Every limit has a flag; docs/operations.md lists them with their defaults and what each failure returns.
+"""
 from __future__ import annotations
 
 import logging
@@ -18,15 +21,30 @@ log = logging.getLogger(__name__)
 def serve(
     model_repository: Repo = Path("model_repository"),
     triton: Optional[str] = typer.Option(None, "--triton", help="Triton gRPC HOST:PORT; default: embedded onnxruntime."),
-    host: str = typer.Option("0.0.0.0", "--host", help="Interface to bind."),
+    host: str = typer.Option("0.0.0.0", "--host", help="Interface of the gRPC port."),
     port: int = typer.Option(50051, "--port", help="gRPC port (0 picks a free one; the log says which)."),
     metrics_port: int = typer.Option(9464, "--metrics-port", help="Prometheus /metrics port; -1 disables it."),
+    metrics_host: str = typer.Option("127.0.0.1", "--metrics-host",
+                                     help="Interface of /metrics (no auth): loopback unless you open it, e.g. 0.0.0.0."),
     token: Token = None,
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="PEM certificate chain: serve TLS."),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
     cache_size: int = typer.Option(1024, "--cache-size", help="Explanations kept for ExplainRegion/Intervene."),
     cache_ttl: float = typer.Option(900.0, "--cache-ttl", help="Seconds an explanation_id stays valid."),
-    workers: int = typer.Option(8, "--workers", help="Concurrent requests."),
+    max_in_flight: int = typer.Option(64, "--max-in-flight",
+                                      help="Requests worked on at once (and inference threads); beyond it "
+                                           "RESOURCE_EXHAUSTED at once."),
+    stream_idle: float = typer.Option(10.0, "--stream-idle", help="Seconds a call may wait for its request "
+                                                                  "message before it is dropped."),
+    max_streams: int = typer.Option(100, "--max-streams-per-connection", help="Concurrent calls per HTTP/2 connection."),
+    max_connection_idle: float = typer.Option(300.0, "--max-connection-idle",
+                                              help="Seconds a connection with no call stays open."),
+    max_connection_age: float = typer.Option(1800.0, "--max-connection-age",
+                                             help="Seconds before a connection is asked to reconnect (spreads "
+                                                  "clients over gateways behind a load balancer)."),
+    max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest image or mask accepted, in pixels."),
+    grace: float = typer.Option(25.0, "--grace", help="Seconds calls in flight get to finish on SIGTERM "
+                                                      "(below Kubernetes' default 30 s termination grace)."),
     device: str = typer.Option("cpu", "--device", help="Embedded backend: cpu or cuda (falls back to cpu)."),
     log_level: Optional[str] = typer.Option(None, "--log-level",
                                             help="DEBUG, INFO (default), WARNING or ERROR; overrides -v/-q."),
@@ -35,28 +53,34 @@ def serve(
     if log_level is not None:
         configure_logging(level=log_level)
     from .server import GatewayServer, ServeConfig
+    from .service import Limits
 
     if (tls_cert is None) != (tls_key is None):
         raise typer.BadParameter("TLS needs both --tls-cert and --tls-key")
     for path in (tls_cert, tls_key):
         if path is not None and not path.is_file():
             raise typer.BadParameter(f"{path} does not exist")
-    config = ServeConfig(model_repository=model_repository, triton_url=triton, host=host, port=port,
-                         metrics_port=None if metrics_port < 0 else metrics_port, token=token or None,
-                         tls_cert=tls_cert, tls_key=tls_key, cache_size=cache_size, cache_ttl_s=cache_ttl,
-                         max_workers=workers, device=device)
     try:
+        config = ServeConfig(model_repository=model_repository, triton_url=triton, host=host, port=port,
+                             metrics_port=None if metrics_port < 0 else metrics_port, metrics_host=metrics_host,
+                             token=token or None, tls_cert=tls_cert, tls_key=tls_key, cache_size=cache_size,
+                             cache_ttl_s=cache_ttl, max_in_flight=max_in_flight, stream_idle_s=stream_idle,
+                             max_streams_per_connection=max_streams, max_connection_idle_s=max_connection_idle,
+                             max_connection_age_s=max_connection_age, limits=Limits(max_pixels=max_pixels),
+                             device=device)
         server = GatewayServer(config).start()
     except (OSError, ValueError) as exc:  # RepositoryError is a ValueError; a taken port an OSError
         fail(f"cannot start the gateway: {exc}", EXIT_USAGE)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    log.info("pid %d; SIGTERM or Ctrl-C stops (2 s grace)", os.getpid())
+    log.info("pid %d; SIGTERM or Ctrl-C stops (health NOT_SERVING, %g s grace for calls in flight)", os.getpid(),
+             grace)
     stop.wait()
-    server.stop(grace=2.0)
+    log.info("stopping: refusing new calls, %g s for the ones in flight", grace)
+    server.stop(grace=grace)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this part's commands to the top-level `salfctl` app."""
+    """Add this part's commands to the `salfctl` app."""
     command(app, "serve")(serve)

@@ -19,9 +19,10 @@ from .errors import InvalidArgument
 __all__ = ["ACCEPTED_FORMATS", "MAX_PIXELS", "MAX_POINTS", "DecodedImage", "box_mask", "decode_image", "decode_mask",
            "encode_png", "points_mask", "require_nonempty"]
 
-# Larger inputs are refused rather than decoded: 64 MP is well above any camera image a client sends
-# for explanation, and bounds the gateway's memory per request.
-MAX_PIXELS = 64_000_000
+# Larger inputs are refused from their header, before decoding: 40 MP is above the phone and camera
+# photos a client sends for explanation (a 48 MP sensor bins to 12 MP by default) and bounds what one
+# decode may allocate (40 MP RGB = 120 MB). `salfctl serve --max-pixels` changes it.
+MAX_PIXELS = 40_000_000
 
 
 def _as_invalid_argument(fn):
@@ -36,15 +37,16 @@ def _as_invalid_argument(fn):
 
 
 @_as_invalid_argument
-def decode_image(data: bytes, input_size: tuple[int, int]) -> DecodedImage:
-    """Encoded bytes -> :class:`DecodedImage` (model input uint8 ``[H, W, 3]`` and the image's own size)."""
-    return _images.decode_image(data, input_size, max_pixels=MAX_PIXELS, formats=ACCEPTED_FORMATS)
+def decode_image(data: bytes, input_size: tuple[int, int], max_pixels: int | None = None) -> DecodedImage:
+    """Encoded bytes -> :class:`DecodedImage` (model input uint8 ``[H, W, 3]`` and the image's own size).
+    ``max_pixels``: default :data:`MAX_PIXELS`."""
+    return _images.decode_image(data, input_size, max_pixels=max_pixels or MAX_PIXELS, formats=ACCEPTED_FORMATS)
 
 
 @_as_invalid_argument
-def decode_mask(data: bytes, image_size: tuple[int, int]) -> np.ndarray:
-    """Encoded mask -> bool ``[h, w]``; must be exactly ``image_size``."""
-    return _images.decode_mask(data, image_size, max_pixels=MAX_PIXELS, formats=ACCEPTED_FORMATS)
+def decode_mask(data: bytes, image_size: tuple[int, int], max_pixels: int | None = None) -> np.ndarray:
+    """Encoded mask -> bool ``[h, w]``; must be exactly ``image_size`` (checked from the header first)."""
+    return _images.decode_mask(data, image_size, max_pixels=max_pixels or MAX_PIXELS, formats=ACCEPTED_FORMATS)
 
 
 box_mask = _as_invalid_argument(_regions.box_mask)

@@ -1,9 +1,28 @@
-"""The gRPC gateway: a thin servicer over :class:`serving.service.Gateway`, one interceptor that is
-the error boundary (exceptions -> status codes, in :data:`STATUS_OF` only), metrics and optional
-bearer-token auth; plus grpc.health.v1, server reflection and optional TLS.
+"""The gRPC gateway on ``grpc.aio``: an event loop holds every connection and stream, inference runs in
+a bounded thread pool, and one error boundary turns exceptions into status codes.
+
+Why asyncio (docs/operations.md): with a thread per call, eight clients that open a stream and send
+nothing held every worker, and health checks hung behind them. Here a call costs a thread only while
+its request is being *worked on*:
+
+- Gateway RPCs are registered as stream-unary handlers over raw bytes, so the boundary runs as soon
+  as the call's headers arrive. It admits the call (``max_in_flight``: beyond it RESOURCE_EXHAUSTED at
+  once, nothing queues without bound), waits at most ``stream_idle_s`` for the request message (a
+  client that sends nothing is dropped with DEADLINE_EXCEEDED), parses it (malformed protobuf is
+  INVALID_ARGUMENT, not INTERNAL), and runs the servicer method in the inference pool, whose size is
+  the in-flight limit, so as many requests reach the backend at once as are admitted (Triton's
+  dynamic batcher needs that concurrency).
+- The request's :class:`~serving.budget.Budget` carries its deadline and is cancelled when the client
+  cancels or the call is cancelled: the gateway's own loops stop at their next check.
+- Health and reflection never enter the pool: they answer while inference is saturated.
+- Bearer-token auth is an interceptor that refuses at call start (before any body is read).
+- Shutdown (``stop(grace)``): health reports NOT_SERVING, new calls are refused, calls in flight get
+  ``grace`` seconds, then the pool drains and only then the backend closes.
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import hmac
 import logging
 import threading
@@ -13,21 +32,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from salf import load_api
+from salf.contract.repository import load_model_spec
+
 from . import errors
 from .backends import Backend, EmbeddedBackend, TritonBackend
+from .budget import Budget
 from .cache import TTLCache
-from .images import encode_png
+from .convert import GatewayServicer
 from .metrics import GatewayMetrics
-from salf import load_api as _pb
-from salf.contract.repository import load_model_spec
-from .service import ClassScore, Contribution, Activation, Edit, Gateway, Region
+from .service import Gateway, Limits
 
 log = logging.getLogger(__name__)
-
 
 SERVICE_NAME = "salf.v1.Gateway"
 
@@ -37,6 +56,8 @@ STATUS_OF: dict[type[Exception], grpc.StatusCode] = {
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
     errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -61,239 +82,182 @@ def request_timeout(context) -> float | None:
     return float(remaining)
 
 
-# ------------------------------------------------------------------ interceptor
+# ------------------------------------------------------------------ auth
 
 def _deny_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming kind as ``handler`` that aborts with ``code``."""
-    def abort(_request, context):
-        context.abort(code, message)
+    """A handler that aborts with ``code`` as soon as the call starts (a unary method becomes a
+    stream-unary one, so an unauthenticated client that sends no body is refused at once too)."""
+    async def abort(_request, context):
+        await context.abort(code, message)
 
-    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(abort, **kw)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(abort, **kw)
-    if handler.stream_unary:
+    kw = dict(request_deserializer=None, response_serializer=handler.response_serializer)
+    if handler.unary_unary or handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(abort, **kw)
     return grpc.stream_stream_rpc_method_handler(abort, **kw)
 
 
-class BoundaryInterceptor(grpc.ServerInterceptor):
-    """Error boundary, metrics and auth for every unary RPC.
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """With a ``token``, every method except ``grpc.health.v1`` (load balancers probe it without
+    credentials) needs the metadata ``authorization: Bearer <token>``."""
 
-    Auth: with a ``token``, every method except ``grpc.health.v1`` (load balancers probe it without
-    credentials) needs the metadata ``authorization: Bearer <token>``.
-    """
-
-    def __init__(self, metrics: GatewayMetrics, token: str | None = None) -> None:
+    def __init__(self, token: str, metrics: GatewayMetrics) -> None:
+        self.expected = f"Bearer {token}".encode()
         self.metrics = metrics
-        self.token = token
 
     def _authorized(self, metadata) -> bool:
-        expected = f"Bearer {self.token}".encode()
         for key, value in metadata or ():
             if key == "authorization":
                 got = value.encode() if isinstance(value, str) else value
-                return hmac.compare_digest(got, expected)
+                return hmac.compare_digest(got, self.expected)
         return False
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        short = method.rsplit("/", 1)[-1]
-        if self.token and not method.startswith("/grpc.health.v1.") and not self._authorized(
+        if handler is None or method.startswith("/grpc.health.v1.") or self._authorized(
                 handler_call_details.invocation_metadata):
-            self.metrics.observe_request(short, grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
-            return _deny_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
-                                 "missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
-        if handler.unary_unary is None:
-            return handler  # streams (reflection, health Watch) pass through untouched
-        return handler._replace(unary_unary=self._wrap(short, handler.unary_unary))
-
-    def _wrap(self, method: str, behavior):
-        metrics = self.metrics
-
-        def boundary(request, context):
-            metrics.in_flight.labels(method).inc()
-            start = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
-                return behavior(request, context)
-            except Exception as exc:
-                code, message = status_for(exc)
-                if code is grpc.StatusCode.INTERNAL:
-                    log.exception("%s failed", method)
-                else:
-                    log.info("%s -> %s: %s", method, code.name, message)
-                context.abort(code, message)
-            finally:
-                metrics.in_flight.labels(method).dec()
-                metrics.observe_request(method, code.name, time.perf_counter() - start)
-
-        return boundary
+            return handler
+        self.metrics.observe_request(method.rsplit("/", 1)[-1], grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
+        return _deny_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
+                             "missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
 
 
-# ------------------------------------------------------------------ protobuf <-> domain
+# ------------------------------------------------------------------ the error boundary
 
-def region_from_pb(region) -> Region:
-    kind = region.WhichOneof("kind") if region is not None else None
-    if kind == "mask_png":
-        return Region(mask_png=bytes(region.mask_png))
-    if kind == "box":
-        b = region.box
-        return Region(box=(b.x0, b.y0, b.x1, b.y1))
-    if kind == "points":
-        return Region(points=tuple((p.x, p.y) for p in region.points.points), radius=region.points.radius)
-    raise errors.InvalidArgument("region is missing: set region.mask_png, region.box or region.points")
+class Boundary:
+    """Admission, idle-stream timeout, parsing, the inference pool, metrics and status codes for every
+    Gateway RPC (module docstring)."""
+
+    def __init__(self, metrics: GatewayMetrics, executor: futures.ThreadPoolExecutor, max_in_flight: int,
+                 stream_idle_s: float) -> None:
+        self.metrics = metrics
+        self.executor = executor
+        self.max_in_flight = int(max_in_flight)
+        self.stream_idle_s = float(stream_idle_s)
+        self.in_flight = 0  # touched only on the event loop
+
+    def handler(self, method: str, request_type, response_type, behavior) -> grpc.RpcMethodHandler:
+        async def call(request_iterator, context):
+            return await self._call(method, request_type, behavior, request_iterator, context)
+
+        return grpc.stream_unary_rpc_method_handler(call, request_deserializer=None,
+                                                    response_serializer=response_type.SerializeToString)
+
+    async def _read(self, method: str, request_type, request_iterator):
+        """The call's one request message, parsed; :class:`errors.DeadlineExceeded` when none arrives
+        within ``stream_idle_s``."""
+        try:
+            raw = await asyncio.wait_for(request_iterator.__anext__(), self.stream_idle_s)
+        except asyncio.TimeoutError:
+            raise errors.DeadlineExceeded(f"no request message arrived within {self.stream_idle_s:g} s of the "
+                                          f"call's start; the stream was dropped") from None
+        except StopAsyncIteration:
+            raise errors.InvalidArgument(f"{method} received no request message") from None
+        try:
+            return request_type.FromString(raw)
+        except Exception as exc:  # protobuf's DecodeError, or a message it cannot parse at all
+            raise errors.InvalidArgument(f"the request is not a valid {request_type.DESCRIPTOR.full_name} "
+                                         f"({len(raw)} bytes): {exc}") from None
+
+    async def _call(self, method, request_type, behavior, request_iterator, context):
+        if self.in_flight >= self.max_in_flight:
+            self.metrics.observe_request(method, grpc.StatusCode.RESOURCE_EXHAUSTED.name, 0.0)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"the gateway is at its limit of {self.max_in_flight} requests in flight; "
+                                f"retry with backoff")
+        self.in_flight += 1
+        self.metrics.in_flight.labels(method).inc()
+        start = time.perf_counter()
+        code, message = grpc.StatusCode.OK, ""
+        budget = Budget(request_timeout(context))
+        try:
+            request = await self._read(method, request_type, request_iterator)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, behavior, request, budget)
+        except asyncio.CancelledError:
+            budget.cancel()  # the worker thread stops at its next check
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code, message = status_for(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.error("%s failed", method, exc_info=exc)
+            else:
+                log.info("%s -> %s: %s", method, code.name, message)
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.labels(method).dec()
+            self.metrics.observe_request(method, code.name, time.perf_counter() - start)
+        await context.abort(code, message)
 
 
-def edit_from_pb(edit) -> Edit:
-    which = edit.WhichOneof("concept")
-    if which is None:
-        raise errors.InvalidArgument("edit has no concept: set concept_name or concept_index")
-    return Edit(region=region_from_pb(edit.region if edit.HasField("region") else None), beta=float(edit.beta),
-                name=edit.concept_name if which == "concept_name" else None,
-                index=edit.concept_index if which == "concept_index" else None)
+GATEWAY_METHODS = ("Predict", "Explain", "ExplainRegion", "Intervene", "GetModelInfo", "GetClassRules")
 
 
-def class_score_pb(pb, c: ClassScore):
-    return pb.ClassScore(index=c.index, name=c.name, probability=c.probability, logit=c.logit)
-
-
-def activation_pb(pb, a: Activation):
-    return pb.ConceptActivation(index=a.index, name=a.name, activation=a.activation, mean_activation=a.mean_activation)
-
-
-def heatmap_pb(pb, heat: np.ndarray, fmt: int):
-    """Heatmap ``[h, w]`` float32 -> ``Heatmap`` with a min-max normalised 8-bit PNG and/or float16."""
-    lo, hi = float(heat.min()), float(heat.max())
-    out = pb.Heatmap(height=heat.shape[0], width=heat.shape[1], min=lo, max=hi)
-    if fmt in (pb.HEATMAP_FORMAT_UNSPECIFIED, pb.HEATMAP_FORMAT_PNG, pb.HEATMAP_FORMAT_BOTH):
-        scaled = (heat - lo) / (hi - lo) if hi > lo else np.zeros_like(heat)
-        out.png = encode_png(np.round(scaled * 255.0).astype(np.uint8))
-    if fmt in (pb.HEATMAP_FORMAT_FLOAT16, pb.HEATMAP_FORMAT_BOTH):
-        out.float16 = heat.astype("<f2").tobytes()
-    return out
-
-
-def contribution_pb(pb, c: Contribution, fmt: int):
-    msg = pb.ConceptContribution(index=c.index, name=c.name, contribution=c.contribution, weight=c.weight,
-                                 score=c.score)
-    if c.heatmap is not None:
-        msg.heatmap.CopyFrom(heatmap_pb(pb, c.heatmap, fmt))
-    return msg
-
-
-class GatewayServicer:
-    """``salf.v1.Gateway``: protobuf in, :class:`Gateway` call, protobuf out. No error handling here:
-    exceptions go to :class:`BoundaryInterceptor`."""
-
-    def __init__(self, gateway: Gateway, max_message_bytes: int = 64 * 1024 * 1024) -> None:
-        self.gateway = gateway
-        self.max_message_bytes = int(max_message_bytes)
-        self.pb, _ = _pb()
-
-    def Predict(self, request, context):
-        classes, size = self.gateway.predict(request.image, request.top_k, request_timeout(context))
-        return self.pb.PredictResponse(classes=[class_score_pb(self.pb, c) for c in classes],
-                                       image_height=size[0], image_width=size[1])
-
-    def Explain(self, request, context):
-        pb = self.pb
-        which = request.WhichOneof("target")
-        fmt = request.heatmaps
-        if fmt not in pb.HeatmapFormat.values():
-            raise errors.InvalidArgument(f"heatmaps format {fmt} is not one of {list(pb.HeatmapFormat.keys())}")
-        r = self.gateway.explain(request.image,
-                                 class_name=request.class_name if which == "class_name" else None,
-                                 class_index=request.class_index if which == "class_index" else None,
-                                 top_k=request.top_k, heatmaps=fmt != pb.HEATMAP_FORMAT_NONE,
-                                 timeout_s=request_timeout(context))
-        response = pb.ExplainResponse(explanation_id=r.explanation_id, target=class_score_pb(pb, r.target),
-                                      predictions=[class_score_pb(pb, c) for c in r.predictions],
-                                      concepts=[contribution_pb(pb, c, fmt) for c in r.concepts],
-                                      image_height=r.size[0], image_width=r.size[1])
-        # Heatmaps grow with the image; say why instead of failing in the transport (RESOURCE_EXHAUSTED).
-        size = response.ByteSize()
-        if size > self.max_message_bytes:
-            raise errors.InvalidArgument(
-                f"the explanation would be {size / 2**20:.0f} MiB, above the gateway's {self.max_message_bytes / 2**20:.0f} MiB "
-                f"message limit: ask for fewer concepts (top_k), PNG instead of float16 heatmaps, or a smaller image")
-        return response
-
-    def ExplainRegion(self, request, context):
-        pb = self.pb
-        region = region_from_pb(request.region if request.HasField("region") else None)
-        r = self.gateway.explain_region(region, request.explanation_id, request.image, request.top_k,
-                                        request_timeout(context))
-        return pb.ExplainRegionResponse(explanation_id=r.explanation_id,
-                                        concepts=[activation_pb(pb, a) for a in r.concepts],
-                                        region_area=r.area, image_height=r.size[0], image_width=r.size[1])
-
-    def Intervene(self, request, context):
-        pb = self.pb
-        edits = []
-        for n, e in enumerate(request.edits):
-            try:
-                edits.append(edit_from_pb(e))
-            except errors.InvalidArgument as exc:
-                raise errors.InvalidArgument(f"edit {n}: {exc}") from None
-        r = self.gateway.intervene(edits, request.explanation_id, request.image, request.top_k,
-                                   request_timeout(context))
-        return pb.InterveneResponse(
-            explanation_id=r.explanation_id,
-            before=[class_score_pb(pb, c) for c in r.before], after=[class_score_pb(pb, c) for c in r.after],
-            predicted_before=class_score_pb(pb, r.predicted_before),
-            predicted_after=class_score_pb(pb, r.predicted_after),
-            logits_before=r.logits_before.tolist(), logits_after=r.logits_after.tolist(),
-            logit_deltas=(r.logits_after - r.logits_before).tolist(),
-            region_concepts=[activation_pb(pb, a) for a in r.region_concepts])
-
-    def GetModelInfo(self, request, context):
-        spec, backend = self.gateway.spec, self.gateway.backend
-        return self.pb.ModelInfo(
-            concepts=list(spec.concepts), classes=list(spec.classes), grid_height=spec.grid[0],
-            grid_width=spec.grid[1], input_height=spec.input_size[0], input_width=spec.input_size[1],
-            backend=backend.name, backend_target=backend.target, backend_ready=backend.ready(timeout_s=1.0),
-            pooling=spec.pooling, radius=spec.radius, flavour=spec.flavour, bundle_sha256=spec.bundle_sha256,
-            format_version=spec.format_version)
-
-    def GetClassRules(self, request, context):
-        pb, spec = self.pb, self.gateway.spec
-        rules = [pb.ClassRule(class_index=l, class_name=spec.classes[l], bias=bias,
-                              terms=[pb.RuleTerm(concept_index=m, concept_name=spec.concepts[m], weight=w)
-                                     for m, w in terms])
-                 for l, bias, terms in self.gateway.class_rules(request.class_name)]
-        return pb.GetClassRulesResponse(rules=rules)
+def gateway_handler(servicer: GatewayServicer, boundary: Boundary) -> grpc.GenericRpcHandler:
+    """``salf.v1.Gateway`` with every method behind ``boundary``; types from the generated descriptor."""
+    pb, _ = load_api()
+    service = pb.DESCRIPTOR.services_by_name["Gateway"]
+    handlers = {}
+    for name in GATEWAY_METHODS:
+        desc = service.methods_by_name[name]
+        request_type = getattr(pb, desc.input_type.name)
+        response_type = getattr(pb, desc.output_type.name)
+        handlers[name] = boundary.handler(name, request_type, response_type, getattr(servicer, name))
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
 # ------------------------------------------------------------------ server
 
 @dataclass
 class ServeConfig:
-    """``salfctl serve`` options. ``port=0``/``metrics_port=0`` pick free ports; ``metrics_port=None``
-    disables metrics. ``tls_cert``/``tls_key`` (PEM) enable TLS; ``token`` enables bearer auth."""
+    """``salfctl serve`` options (docs/operations.md lists each with its flag). ``port=0`` and
+    ``metrics_port=0`` pick free ports; ``metrics_port=None`` disables metrics. ``tls_cert``/``tls_key``
+    (PEM) enable TLS; ``token`` enables bearer auth."""
     model_repository: Path
     triton_url: str | None = None
     host: str = "0.0.0.0"
     port: int = 50051
     metrics_port: int | None = 9464
+    metrics_host: str = "127.0.0.1"
     token: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
     cache_size: int = 1024
     cache_ttl_s: float = 900.0
-    max_workers: int = 8
+    max_in_flight: int = 64
+    stream_idle_s: float = 10.0
+    max_streams_per_connection: int = 100
+    max_connection_idle_s: float = 300.0
+    max_connection_age_s: float = 1800.0
+    max_connection_age_grace_s: float = 30.0
+    limits: Limits = Limits()
     device: str = "cpu"
     max_message_mb: int = 64
     readiness_interval_s: float = 5.0
 
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
+        if self.stream_idle_s <= 0:
+            raise ValueError(f"stream_idle_s must be > 0, got {self.stream_idle_s}")
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        size = self.max_message_mb * 1024 * 1024
+        ms = lambda seconds: int(seconds * 1000)
+        return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
+                # a second gateway on the same port must fail, not share it silently
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_concurrent_streams", int(self.max_streams_per_connection)),
+                ("grpc.max_connection_idle_ms", ms(self.max_connection_idle_s)),
+                ("grpc.max_connection_age_ms", ms(self.max_connection_age_s)),
+                ("grpc.max_connection_age_grace_ms", ms(self.max_connection_age_grace_s))]
+
 
 class GatewayServer:
-    """A running gateway. ``start()`` binds and returns self; ``port``/``metrics_port`` are the
-    bound ports; ``stop(grace)`` drains in-flight requests for ``grace`` seconds."""
+    """A running gateway. ``start()`` binds and returns self (the event loop runs in a thread of its
+    own, so callers stay synchronous); ``port``/``metrics_port`` are the bound ports; ``stop(grace)``
+    drains in-flight requests for ``grace`` seconds."""
 
     def __init__(self, config: ServeConfig) -> None:
         if (config.tls_cert is None) != (config.tls_key is None):
@@ -304,19 +268,24 @@ class GatewayServer:
         self.backend = self._make_backend(spec)
         cache = TTLCache(config.cache_size, config.cache_ttl_s, on_hit=self.metrics.cache_hits.inc,
                          on_miss=self.metrics.cache_misses.inc)
-        self.gateway = Gateway(spec, self.backend, cache)
+        self.gateway = Gateway(spec, self.backend, cache, config.limits)
         self.metrics.model_info.info({
             "backend": self.backend.name, "backend_target": self.backend.target, "flavour": spec.flavour,
             "concepts": str(spec.num_concepts), "classes": str(spec.num_classes),
             "grid": f"{spec.grid[0]}x{spec.grid[1]}", "input_size": f"{spec.input_size[0]}x{spec.input_size[1]}",
             "pooling": spec.pooling, "bundle_sha256": spec.bundle_sha256})
-        self.health = health.HealthServicer()
-        self._ready: bool | None = None
-        self._stop_watch = threading.Event()
-        self._watcher: threading.Thread | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
-        self._server: grpc.Server | None = None
+        self._ready: bool | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = None
+        self._watcher: asyncio.Task | None = None
+        self._stopped = threading.Event()
+        self._executor = futures.ThreadPoolExecutor(max_workers=config.max_in_flight, thread_name_prefix="salf-gw")
+        # Readiness probes get a thread of their own: a saturated inference pool must not delay them.
+        self._probe = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="salf-gw-probe")
 
     def _make_backend(self, spec) -> Backend:
         observe = lambda backend, model, seconds: self.metrics.backend_latency.labels(backend, model).observe(seconds)
@@ -324,91 +293,123 @@ class GatewayServer:
             return TritonBackend(spec, self.config.triton_url, observe=observe)
         return EmbeddedBackend(spec, device=self.config.device, observe=observe)
 
+    # ---------------------------------------------------------- start
+
     def start(self) -> "GatewayServer":
-        c = self.config
-        _, pb_grpc = _pb()
-        size = c.max_message_mb * 1024 * 1024
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=c.max_workers, thread_name_prefix="salf-gw"),
-                             interceptors=[BoundaryInterceptor(self.metrics, c.token)],
-                             options=[("grpc.max_receive_message_length", size),
-                                      ("grpc.max_send_message_length", size)])
-        pb_grpc.add_GatewayServicer_to_server(GatewayServicer(self.gateway, size), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        address = f"{c.host}:{c.port}"
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="salf-gw-loop", daemon=True)
+        self._thread.start()
         try:
-            try:
-                if c.tls_cert is not None:
-                    creds = grpc.ssl_server_credentials([(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())])
-                    port = server.add_secure_port(address, creds)
-                else:
-                    port = server.add_insecure_port(address)
-            except RuntimeError as exc:  # grpcio raises RuntimeError("Failed to bind ...") on a taken port
-                raise OSError(f"cannot bind the gateway to {address}: {exc}") from exc
-            if port == 0:
-                raise OSError(f"cannot bind the gateway to {address}")
-            server.start()
-            self._server, self.port = server, port
-            if c.metrics_port is not None:
+            asyncio.run_coroutine_threadsafe(self._start(), self._loop).result()
+            if self.config.metrics_port is not None:
+                c = self.config
                 try:
-                    self.metrics_port = self.metrics.serve(c.metrics_port, c.host)
+                    self.metrics_port = self.metrics.serve(c.metrics_port, c.metrics_host)
                 except OSError as exc:
-                    raise OSError(f"cannot serve metrics on {c.host}:{c.metrics_port}: {exc}") from exc
+                    raise OSError(f"cannot serve metrics on {c.metrics_host}:{c.metrics_port}: {exc}") from exc
         except BaseException:
-            # A half-started gateway must not keep its gRPC port, Triton channel or sessions.
-            server.stop(None)
-            self._server = None
-            self.backend.close()
-            self.metrics.close()
+            # A half-started gateway must not keep its gRPC port, Triton channel, sessions or threads.
+            self._shutdown(grace=None)
             raise
-        # "" is liveness (the process answers); the service name is readiness (its backend can infer),
-        # so a load balancer or a Kubernetes gRPC probe routes away while Triton is down.
-        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self._update_readiness()
-        self._stop_watch.clear()
-        self._watcher = threading.Thread(target=self._watch_readiness, name="salf-gw-readiness", daemon=True)
-        self._watcher.start()
-        log.info("gateway listening on %s:%d (%s backend %s, tls %s, auth %s)", c.host, port, self.backend.name,
-                 self.backend.target, "on" if c.tls_cert else "off", "on" if c.token else "off")
+        c = self.config
+        log.info("gateway listening on %s:%d (%s backend %s, tls %s, auth %s, max in flight %d)", c.host, self.port,
+                 self.backend.name, self.backend.target, "on" if c.tls_cert else "off", "on" if c.token else "off",
+                 c.max_in_flight)
         if c.token and c.tls_cert is None and c.host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("bearer-token auth without TLS on %s: tokens travel in cleartext; "
                         "add --tls-cert/--tls-key or terminate TLS in front of the gateway", c.host)
         return self
 
-    def _update_readiness(self) -> None:
-        ready = self.backend.ready(timeout_s=1.0)
+    async def _start(self) -> None:
+        c = self.config
+        interceptors = [AuthInterceptor(c.token, self.metrics)] if c.token else []
+        server = grpc.aio.server(interceptors=interceptors, options=c.grpc_options())
+        boundary = Boundary(self.metrics, self._executor, c.max_in_flight, c.stream_idle_s)
+        server.add_generic_rpc_handlers((gateway_handler(GatewayServicer(self.gateway, c.max_message_mb * 2**20),
+                                                         boundary),))
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = f"{c.host}:{c.port}"
+        try:
+            if c.tls_cert is not None:
+                creds = grpc.ssl_server_credentials([(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())])
+                port = server.add_secure_port(address, creds)
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError as exc:  # grpcio raises RuntimeError("Failed to bind ...") on a taken port
+            raise OSError(f"cannot bind the gateway to {address}: {exc}") from exc
+        if port == 0:
+            raise OSError(f"cannot bind the gateway to {address} (is another gateway listening there?)")
+        await server.start()
+        self._server, self.port = server, port
+        # "" is liveness (the process answers); the service name is readiness (its backend can infer),
+        # so a load balancer or a Kubernetes gRPC probe routes away while Triton is down.
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._update_readiness()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_readiness())
+
+    # ---------------------------------------------------------- readiness
+
+    async def _update_readiness(self) -> None:
+        loop = asyncio.get_running_loop()
+        ready = await loop.run_in_executor(self._probe, functools.partial(self.backend.ready, timeout_s=1.0))
         if ready != self._ready:
             status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
-            self.health.set(SERVICE_NAME, status)
+            await self._health.set(SERVICE_NAME, status)
             (log.info if ready else log.warning)("%s backend %s is %s", self.backend.name, self.backend.target,
                                                  "ready" if ready else "NOT ready: health reports NOT_SERVING")
             self._ready = ready
 
-    def _watch_readiness(self) -> None:
-        while not self._stop_watch.wait(self.config.readiness_interval_s):
+    async def _watch_readiness(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.readiness_interval_s)
             try:
-                self._update_readiness()
+                await self._update_readiness()
+            except asyncio.CancelledError:
+                raise
             except Exception:  # a probe must never kill the watcher; the next tick retries
                 log.exception("backend readiness check failed")
 
+    # ---------------------------------------------------------- stop
+
     def wait(self) -> None:
-        if self._server is not None:
-            self._server.wait_for_termination()
+        """Block until :meth:`stop` has finished."""
+        self._stopped.wait()
 
     def stop(self, grace: float = 2.0) -> None:
-        """Report NOT_SERVING, drain for ``grace`` seconds, close the backend and metrics endpoint."""
-        if self._server is None:
+        """Report NOT_SERVING, refuse new calls, let calls in flight finish for ``grace`` seconds (then
+        cancel them), drain the inference pool, and only then close the backend and metrics endpoint."""
+        if self._loop is None:
             return
-        self._stop_watch.set()
-        if self._watcher is not None:
-            self._watcher.join(timeout=5.0)
-            self._watcher = None
-        self.health.enter_graceful_shutdown()
-        self._server.stop(grace).wait()
-        self._server = None
+        self._shutdown(grace)
+        log.info("gateway stopped")
+
+    def _shutdown(self, grace: float | None) -> None:
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            try:
+                asyncio.run_coroutine_threadsafe(self._stop(grace), loop).result()
+            finally:
+                loop.call_soon_threadsafe(loop.stop)
+                self._thread.join(timeout=30.0)
+        if loop is not None and not loop.is_running():
+            loop.close()
+        self._loop = self._thread = self._server = None
+        self._executor.shutdown(wait=True)  # work already running finishes (or stops at its budget check)
+        self._probe.shutdown(wait=True)
         self.backend.close()
         self.metrics.close()
-        log.info("gateway stopped")
+        self._stopped.set()
+
+    async def _stop(self, grace: float | None) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
 
     def __enter__(self) -> "GatewayServer":
         return self.start()

@@ -6,22 +6,40 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from salf.contract import explain
-from .backends import Backend
-from .cache import TTLCache
-from .errors import InvalidArgument, NotFound
-from .images import box_mask, decode_image, decode_mask, points_mask, require_nonempty
 from salf.contract.repository import ModelSpec
+
+from .backends import Backend
+from .budget import Budget, as_budget
+from .cache import TTLCache
+from .errors import InvalidArgument, NotFound, echo
+from .images import MAX_PIXELS, box_mask, decode_image, decode_mask, points_mask, require_nonempty
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 5
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the gateway; everything is checked before the work is allocated.
+
+    ``max_pixels``: images and masks (header checked before decoding). ``max_edits``: edits per
+    Intervene (None: the model's concept count, at least 16). ``max_points``: points of one region.
+    ``point_area_factor``: the disks of a points region may cover at most this many times the image's
+    area in total (a huge radius times many points would otherwise cost points x image)."""
+    max_pixels: int = MAX_PIXELS
+    max_edits: int | None = None
+    max_points: int = 1024
+    point_area_factor: float = 4.0
+
+    def edits_for(self, num_concepts: int) -> int:
+        return self.max_edits if self.max_edits is not None else max(16, num_concepts)
 
 
 # ------------------------------------------------------------------ domain values
@@ -110,19 +128,6 @@ class InterveneResult:
     region_concepts: list[Activation] = field(default_factory=list)
 
 
-# ------------------------------------------------------------------ deadlines
-
-def _deadline(timeout_s: float | None) -> float | None:
-    """The request's remaining time -> an absolute ``time.monotonic()`` deadline (None: no deadline)."""
-    return None if timeout_s is None else time.monotonic() + timeout_s
-
-
-def _left(deadline: float | None) -> float | None:
-    """Seconds left until ``deadline`` *now*: each backend call gets what the earlier steps (decoding,
-    a first inference) left of the request's deadline, not the time it had on arrival."""
-    return None if deadline is None else deadline - time.monotonic()
-
-
 # ------------------------------------------------------------------ validation helpers
 
 def resolve_top_k(k: int, n: int, what: str) -> int:
@@ -140,7 +145,7 @@ def _resolve_index(name: str | None, index: int | None, names: tuple[str, ...], 
             return names.index(name)
         except ValueError:
             preview = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
-            raise InvalidArgument(f"unknown {what} {name!r}; the model has {len(names)}: {preview}") from None
+            raise InvalidArgument(f"unknown {what} {echo(name)}; the model has {len(names)}: {preview}") from None
     if index is None:
         raise InvalidArgument(f"no {what} given: set its name or index")
     if not 0 <= index < len(names):
@@ -154,16 +159,18 @@ class Gateway:
     """The served model: ``spec`` (metadata and head weights), an inference ``backend`` and the
     concept-map ``cache`` behind explanation ids."""
 
-    def __init__(self, spec: ModelSpec, backend: Backend, cache: TTLCache) -> None:
+    def __init__(self, spec: ModelSpec, backend: Backend, cache: TTLCache, limits: Limits | None = None) -> None:
         self.spec = spec
         self.backend = backend
         self.cache = cache
+        self.limits = limits or Limits()
 
     # ---------------------------------------------------------- shared steps
 
-    def _run_image(self, image: bytes, deadline: float | None) -> CachedMaps:
-        decoded = decode_image(image, self.spec.input_size)
-        maps, scores, logits = self.backend.infer(decoded.model_input[None], _left(deadline))
+    def _run_image(self, image: bytes, budget: Budget) -> CachedMaps:
+        budget.check("decoding the image")
+        decoded = decode_image(image, self.spec.input_size, self.limits.max_pixels)
+        maps, scores, logits = self.backend.infer(decoded.model_input[None], budget.left("inference"))
         return CachedMaps(maps[0], scores[0], logits[0], decoded.size)
 
     def _remember(self, entry: CachedMaps) -> str:
@@ -171,17 +178,17 @@ class Gateway:
         self.cache.put(explanation_id, entry)
         return explanation_id
 
-    def _maps_for(self, explanation_id: str, image: bytes, deadline: float | None) -> tuple[str, CachedMaps]:
+    def _maps_for(self, explanation_id: str, image: bytes, budget: Budget) -> tuple[str, CachedMaps]:
         """Cached maps of ``explanation_id``, or a fresh forward pass on the resent ``image``."""
         if explanation_id:
             entry = self.cache.get(explanation_id)
             if entry is not None:
                 return explanation_id, entry
             if not image:
-                raise NotFound(f"explanation_id {explanation_id!r} is unknown or expired; resend the image")
+                raise NotFound(f"explanation_id {echo(explanation_id)} is unknown or expired; resend the image")
         elif not image:
             raise InvalidArgument("send an image or an explanation_id")
-        entry = self._run_image(image, deadline)
+        entry = self._run_image(image, budget)
         return self._remember(entry), entry
 
     def _class_scores(self, logits: np.ndarray, order: list[int] | None = None, k: int | None = None) -> list[ClassScore]:
@@ -190,17 +197,34 @@ class Gateway:
             order = explain.top_k_desc(probs, k if k is not None else len(logits))
         return [ClassScore(i, self.spec.classes[i], float(probs[i]), float(logits[i])) for i in order]
 
-    def region_mask(self, region: Region, size: tuple[int, int]) -> np.ndarray:
+    def region_mask(self, region: Region, size: tuple[int, int], budget: Budget | None = None) -> np.ndarray:
         """The region as a non-empty bool mask ``[h, w]`` at the image's own ``size``."""
         if region.mask_png is not None:
-            mask = decode_mask(region.mask_png, size)
+            mask = decode_mask(region.mask_png, size, self.limits.max_pixels)
         elif region.box is not None:
             mask = box_mask(region.box, size)
         elif region.points is not None:
-            mask = points_mask(list(region.points), region.radius or self._default_radius(size), size)
+            radius = region.radius or self._default_radius(size)
+            self._check_points_cost(len(region.points), radius, size)
+            mask = points_mask(list(region.points), radius, size, check=budget.check if budget else None)
         else:
             raise InvalidArgument("region is missing: give a mask_png, a box or points")
         return require_nonempty(mask)
+
+    def _check_points_cost(self, n: int, radius: float, size: tuple[int, int]) -> None:
+        """Refuse a points region before drawing it when its count or its disks' total area is too large."""
+        if n > self.limits.max_points:
+            raise InvalidArgument(f"points region has {n} points; at most {self.limits.max_points} are accepted "
+                                  f"(send a mask_png for a region drawn with many points)")
+        h, w = size
+        if not (math.isfinite(radius) and radius > 0):
+            raise InvalidArgument(f"points radius must be a positive number of pixels, got {radius}")
+        side = 2 * min(radius, max(h, w)) + 3
+        cost = n * min(side * side, h * w)
+        if cost > self.limits.point_area_factor * h * w and n > 1:
+            raise InvalidArgument(f"points region of {n} points of radius {radius:g} px would cover about "
+                                  f"{cost / (h * w):.0f}x the {w}x{h} image; use fewer points, a smaller radius, "
+                                  f"or send a mask_png")
 
     def _default_radius(self, size: tuple[int, int]) -> float:
         """The model's prompt-circle radius (at the input size) scaled to the image's own size; half a
@@ -211,31 +235,36 @@ class Gateway:
             return self.spec.radius * math.sqrt((h / ih) * (w / iw))
         return 0.5 * min(h / self.spec.grid[0], w / self.spec.grid[1])
 
-    def _activations(self, maps: np.ndarray, mask: np.ndarray, k: int) -> list[Activation]:
-        a = explain.region_activations(maps, explain.project_region(mask, self.spec.grid))
+    def _activations(self, maps: np.ndarray, mask: np.ndarray, k: int, budget: Budget | None = None) -> list[Activation]:
+        weights = explain.project_region(mask, self.spec.grid, check=budget.check if budget else None)
+        a = explain.region_activations(maps, weights)
         area = float(mask.sum())
         return [Activation(i, self.spec.concepts[i], float(a[i]), float(a[i] / area)) for i in explain.top_k_desc(a, k)]
 
     # ---------------------------------------------------------- RPCs
 
-    def predict(self, image: bytes, top_k: int = 0, timeout_s: float | None = None) -> tuple[list[ClassScore], tuple[int, int]]:
-        deadline = _deadline(timeout_s)
+    def predict(self, image: bytes, top_k: int = 0, timeout_s: float | Budget | None = None
+                ) -> tuple[list[ClassScore], tuple[int, int]]:
+        """``timeout_s``: seconds, or the request's :class:`Budget` (deadline and cancellation); the same
+        for every RPC below."""
+        budget = as_budget(timeout_s)
         k = resolve_top_k(top_k, self.spec.num_classes, "classes")
-        entry = self._run_image(image, deadline)
+        entry = self._run_image(image, budget)
         return self._class_scores(entry.logits, k=k), entry.size
 
     def explain(self, image: bytes, class_name: str | None = None, class_index: int | None = None,
-                top_k: int = 0, heatmaps: bool = True, timeout_s: float | None = None) -> ExplainResult:
+                top_k: int = 0, heatmaps: bool = True, timeout_s: float | Budget | None = None) -> ExplainResult:
         """Contribution scores for the predicted class (or the requested one) and heatmaps of the
         top-k contributing concepts (paper 3.5)."""
-        deadline = _deadline(timeout_s)
+        budget = as_budget(timeout_s)
         k = resolve_top_k(top_k, self.spec.num_concepts, "concepts")
         wants_class = (class_name is not None and class_name != "") or class_index is not None
         requested = _resolve_index(class_name, class_index, self.spec.classes, "class") if wants_class else None
-        entry = self._run_image(image, deadline)
+        entry = self._run_image(image, budget)
         explanation_id = self._remember(entry)
         target = int(np.argmax(entry.logits)) if requested is None else requested
         chosen = explain.top_contributors(self.spec.weight, entry.scores, target, k)
+        budget.check("heatmaps")
         ups = explain.upsample(entry.maps[chosen], entry.size) if heatmaps and chosen else None
         s = explain.contributions(self.spec.weight, entry.scores, target)
         concepts = [Contribution(m, self.spec.concepts[m], float(s[m]), float(self.spec.weight[target, m]),
@@ -246,22 +275,27 @@ class Gateway:
                              concepts, entry.size)
 
     def explain_region(self, region: Region, explanation_id: str = "", image: bytes = b"", top_k: int = 0,
-                       timeout_s: float | None = None) -> RegionResult:
+                       timeout_s: float | Budget | None = None) -> RegionResult:
         """Explain Anything (paper 3.6): top-k concepts by ``a(x, m | I) = sum(I * upsample(c(x)[m]))``."""
-        deadline = _deadline(timeout_s)
+        budget = as_budget(timeout_s)
         k = resolve_top_k(top_k, self.spec.num_concepts, "concepts")
-        explanation_id, entry = self._maps_for(explanation_id, image, deadline)
-        mask = self.region_mask(region, entry.size)
-        return RegionResult(explanation_id, self._activations(entry.maps, mask, k), int(mask.sum()), entry.size)
+        explanation_id, entry = self._maps_for(explanation_id, image, budget)
+        mask = self.region_mask(region, entry.size, budget)
+        return RegionResult(explanation_id, self._activations(entry.maps, mask, k, budget), int(mask.sum()),
+                            entry.size)
 
     def intervene(self, edits: list[Edit], explanation_id: str = "", image: bytes = b"", top_k: int = 0,
-                  timeout_s: float | None = None) -> InterveneResult:
+                  timeout_s: float | Budget | None = None) -> InterveneResult:
         """Local intervention (paper 3.6): ``c[m] += beta * I_grid`` for each edit on the cached maps,
         then only the head runs, on the unedited and the edited maps together (one batch), so the
         deltas are exactly ``head(edited) - head(maps)``."""
-        deadline = _deadline(timeout_s)
+        budget = as_budget(timeout_s)
         if not edits:
             raise InvalidArgument("intervene needs at least one edit (concept, region, beta)")
+        max_edits = self.limits.edits_for(self.spec.num_concepts)
+        if len(edits) > max_edits:
+            raise InvalidArgument(f"intervene has {len(edits)} edits; at most {max_edits} are accepted for this "
+                                  f"model ({self.spec.num_concepts} concepts)")
         # One top_k for the region's concepts; the class lists show as many classes as exist up to it.
         k_concepts = resolve_top_k(top_k, self.spec.num_concepts, "concepts")
         k_classes = min(k_concepts, self.spec.num_classes)
@@ -270,16 +304,17 @@ class Gateway:
             if not math.isfinite(e.beta):
                 raise InvalidArgument(f"edit {n}: beta must be a finite number, got {e.beta}")
             resolved.append((_resolve_index(e.name, e.index, self.spec.concepts, "concept"), e))
-        explanation_id, entry = self._maps_for(explanation_id, image, deadline)
+        explanation_id, entry = self._maps_for(explanation_id, image, budget)
         union = np.zeros(entry.size, dtype=bool)
         grid_edits = []
         for n, (m, e) in enumerate(resolved):
+            budget.check(f"edit {n} of {len(resolved)}")
             try:
-                mask = self.region_mask(e.region, entry.size)
+                mask = self.region_mask(e.region, entry.size, budget)
             except InvalidArgument as exc:
                 raise InvalidArgument(f"edit {n}: {exc}") from None
             union |= mask
-            grid_edits.append((m, float(e.beta), explain.grid_coverage(mask, self.spec.grid)))
+            grid_edits.append((m, float(e.beta), explain.grid_coverage(mask, self.spec.grid, check=budget.check)))
         edited = explain.apply_edits(entry.maps, grid_edits)
         # A finite but huge beta (float32 reaches 3.4e38) overflows the maps or the head's pooling and
         # standardisation to inf, and the answer to NaN probabilities: refuse it as the user error it is.
@@ -287,7 +322,7 @@ class Gateway:
         if not np.isfinite(edited).all():
             raise InvalidArgument(f"beta too large: the edited concept maps overflow float32 (betas {betas})")
         _, logits = self.backend.infer_head(np.stack([entry.maps, edited]).astype(np.float32),
-                                            _left(deadline))
+                                            budget.left("the head"))
         before, after = logits[0], logits[1]
         if not np.isfinite(after).all():
             raise InvalidArgument(f"beta too large: the head's logits on the edited maps are not finite (betas {betas})")
@@ -299,7 +334,7 @@ class Gateway:
             predicted_after=self._class_scores(after, k=1)[0],
             logits_before=before,
             logits_after=after,
-            region_concepts=self._activations(edited, union, k_concepts),
+            region_concepts=self._activations(edited, union, k_concepts, budget),
         )
 
     def class_rules(self, class_name: str = "") -> list[tuple[int, float, list[tuple[int, float]]]]:

@@ -56,23 +56,26 @@ def upsample(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 _ROW_BLOCK = 256
 
 
-def _sandwich(left: np.ndarray, mask: np.ndarray, right: np.ndarray) -> np.ndarray:
+def _sandwich(left: np.ndarray, mask: np.ndarray, right: np.ndarray, check=None) -> np.ndarray:
     """``left [G1, H] @ mask [H, W] @ right [W, G2]`` float64, converting ``_ROW_BLOCK`` mask rows at a
-    time so the temporary memory stays ``_ROW_BLOCK * W`` however large the image."""
+    time so the temporary memory stays ``_ROW_BLOCK * W`` however large the image. ``check()`` (if given)
+    runs before each block: a caller's deadline or cancellation stops a large projection."""
     out = np.zeros((left.shape[0], right.shape[1]), dtype=np.float64)
     for r0 in range(0, mask.shape[0], _ROW_BLOCK):
+        if check is not None:
+            check()
         block = mask[r0:r0 + _ROW_BLOCK].astype(np.float64)
         out += left[:, r0:r0 + _ROW_BLOCK] @ (block @ right)
     return out
 
 
-def project_region(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+def project_region(mask: np.ndarray, grid: tuple[int, int], check=None) -> np.ndarray:
     """Image-size mask ``[H, W]`` (bool or float) -> grid weights ``w = Ry.T @ I @ Rx`` ``[Gh, Gw]``
     float64, so that ``sum(I * upsample(map)) == sum(w * map)`` for every grid map."""
     h, w = mask.shape
     ry = bilinear_matrix(h, grid[0])
     rx = bilinear_matrix(w, grid[1])
-    return _sandwich(ry.T, mask, rx)
+    return _sandwich(ry.T, mask, rx, check)
 
 
 def region_activations(maps: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -94,13 +97,13 @@ def cell_coverage_matrix(size: int, cells: int) -> np.ndarray:
     return overlap / (size / cells)
 
 
-def grid_coverage(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+def grid_coverage(mask: np.ndarray, grid: tuple[int, int], check=None) -> np.ndarray:
     """Intervention region on the grid: fraction ``[Gh, Gw]`` in [0, 1] of each grid cell covered by
     the image-size mask ``[H, W]`` (the grid's cells tile the image evenly)."""
     h, w = mask.shape
     ay = cell_coverage_matrix(h, grid[0])
     ax = cell_coverage_matrix(w, grid[1])
-    return _sandwich(ay, mask, ax.T)
+    return _sandwich(ay, mask, ax.T, check)
 
 
 def apply_edits(maps: np.ndarray, edits: list[tuple[int, float, np.ndarray]]) -> np.ndarray:

@@ -33,9 +33,11 @@ def box_mask(box: tuple[float, float, float, float], image_size: tuple[int, int]
     return ((ys >= y0) & (ys < y1))[:, None] & ((xs >= x0) & (xs < x1))[None, :]
 
 
-def points_mask(points: list[tuple[float, float]], radius: float, image_size: tuple[int, int]) -> np.ndarray:
+def points_mask(points: list[tuple[float, float]], radius: float, image_size: tuple[int, int],
+                check=None) -> np.ndarray:
     """Points ``(x, y)`` -> bool ``[h, w]``: union of disks of ``radius`` pixels (pixel centres within
-    the radius). Every point must lie inside the image; at most :data:`MAX_POINTS` points."""
+    the radius). Every point must lie inside the image; at most :data:`MAX_POINTS` points. ``check()``
+    (if given) runs every 64 points (a caller's deadline or cancellation)."""
     if not points:
         raise RegionError("points region has no point")
     if not (np.isfinite(radius) and radius > 0):
@@ -45,7 +47,9 @@ def points_mask(points: list[tuple[float, float]], radius: float, image_size: tu
                           f"(send a mask_png for a region drawn with many points)")
     h, w = image_size
     mask = np.zeros((h, w), dtype=bool)
-    for x, y in points:
+    for n, (x, y) in enumerate(points):
+        if check is not None and n % 64 == 0:
+            check()
         if not (np.isfinite(x) and np.isfinite(y) and 0 <= x <= w and 0 <= y <= h):
             raise RegionError(f"point ({x}, {y}) lies outside the {w}x{h} image")
         # Only the disk's bounding window (one pixel of slack for rounding): the cost of a point is
