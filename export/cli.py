@@ -81,12 +81,13 @@ def triton(
     grpc_port: int = typer.Option(8001, "--grpc-port"),
     metrics_port: int = typer.Option(8002, "--metrics-port"),
     env: Optional[Path] = typer.Option(None, "--env", help="Triton environment (default .venv-triton)"),
+    bind: str = typer.Option("127.0.0.1", "--bind", help="interface Triton listens on (0.0.0.0 opens it; no auth)"),
 ) -> None:
     """Run the pytriton-shipped Triton server against a repository until Ctrl-C (needs `make triton-env`)."""
     from .triton_server import main
 
     args = ["--model-repository", str(model_repository), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-            "--metrics-port", str(metrics_port)]
+            "--metrics-port", str(metrics_port), "--bind", bind]
     if env:
         args += ["--env", str(env)]
     raise typer.Exit(code=main(args))

@@ -117,7 +117,7 @@ class TritonServer:
 
     def __init__(self, repository: str | Path, log_path: str | Path | None = None, env: str | Path | None = None,
                  http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0, host: str = "127.0.0.1",
-                 extra_args: tuple[str, ...] = (), ready_timeout_s: float = 120.0) -> None:
+                 extra_args: tuple[str, ...] = (), ready_timeout_s: float = 120.0, bind: str = "127.0.0.1") -> None:
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():
             raise TritonError(f"model repository {self.repository} does not exist")
@@ -127,6 +127,7 @@ class TritonServer:
         self.install = find_install(env)
         self.log_path = Path(log_path) if log_path else self.repository.parent / "tritonserver.log"
         self.host = host
+        self.bind = bind  # the interface all three endpoints listen on: loopback unless opened on purpose
         self.requested_ports = (http_port, grpc_port, metrics_port)
         self.extra_args = tuple(extra_args)
         self.ready_timeout_s = ready_timeout_s
@@ -151,6 +152,7 @@ class TritonServer:
         return [str(self.install.binary), f"--model-repository={self.repository}",
                 f"--backend-directory={backends}", f"--http-port={self.http_port}",
                 f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
+                f"--http-address={self.bind}", f"--grpc-address={self.bind}", f"--metrics-address={self.bind}",
                 "--allow-metrics=true", "--allow-gpu-metrics=false", "--strict-readiness=true",
                 "--exit-timeout-secs=10", "--log-verbose=0",
                 # No pinned host memory: CPU-only hosts have no CUDA driver to allocate it with.
@@ -250,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
-    parser.add_argument("--host", default="127.0.0.1", help="where clients reach it (Triton listens on all interfaces)")
+    parser.add_argument("--host", default="127.0.0.1", help="where clients reach it")
+    parser.add_argument("--bind", default="127.0.0.1",
+                        help="interface Triton's HTTP, gRPC and metrics endpoints listen on (0.0.0.0: all; no auth)")
     parser.add_argument("--env", default=None, help=f"Triton environment (default ${ENV_VAR} or .venv-triton)")
     parser.add_argument("--log-file", default=None)
     parser.add_argument("--prepare-only", action="store_true", help="only install the python-backend stub")
@@ -264,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             prepare_backends(find_install(args.env))
             return 0
         server = TritonServer(args.model_repository, log_path=args.log_file, env=args.env, http_port=args.http_port,
-                              grpc_port=args.grpc_port, metrics_port=args.metrics_port, host=args.host)
+                              grpc_port=args.grpc_port, metrics_port=args.metrics_port, host=args.host,
+                              bind=args.bind)
         server.start()
     except TritonError as exc:
         log.error("%s", exc)

@@ -24,6 +24,9 @@ from .errors import BackendUnavailable, DeadlineExceeded
 
 log = logging.getLogger(__name__)
 
+RECONNECT_CHANNEL_ARGS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+                          ("grpc.max_reconnect_backoff_ms", 1000)]
+
 LatencyObserver = Callable[[str, str, float], None]  # (backend, model, seconds)
 
 
@@ -145,7 +148,13 @@ class TritonBackend(Backend):
 
         super().__init__(spec, url, observe)
         self._grpcclient = grpcclient
-        self._client = grpcclient.InferenceServerClient(url=url)
+        # gRPC's default reconnect backoff grows to 120 s, so recovery after a Triton outage took longer
+        # the longer the outage (4.8 s after 10 s, 56 s after 118 s). Capped at 1 s, the channel is back
+        # within ~1 s of Triton's return whatever the outage length.
+        size = grpcclient.MAX_GRPC_MESSAGE_SIZE  # channel_args replaces tritonclient's defaults: keep its sizes
+        self._client = grpcclient.InferenceServerClient(
+            url=url, channel_args=[("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size),
+                                   *RECONNECT_CHANNEL_ARGS])
 
     def _run(self, model, feeds, outputs, timeout_s):
         from tritonclient.utils import InferenceServerException, np_to_triton_dtype

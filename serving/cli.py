@@ -76,7 +76,10 @@ def serve(
         signal.signal(sig, lambda *_: stop.set())
     log.info("pid %d; SIGTERM or Ctrl-C stops (health NOT_SERVING, %g s grace for calls in flight)", os.getpid(),
              grace)
-    stop.wait()
+    # Wake up regularly: the kernel may deliver the signal to one of gRPC's threads, and Python runs
+    # its handler only when the main thread executes bytecode again (a bare wait() could sleep forever).
+    while not stop.wait(0.5):
+        pass
     log.info("stopping: refusing new calls, %g s for the ones in flight", grace)
     server.stop(grace=grace)
 

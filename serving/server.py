@@ -6,12 +6,12 @@ nothing held every worker, and health checks hung behind them. Here a call costs
 its request is being *worked on*:
 
 - Gateway RPCs are registered as stream-unary handlers over raw bytes, so the boundary runs as soon
-  as the call's headers arrive. It admits the call (``max_in_flight``: beyond it RESOURCE_EXHAUSTED at
-  once, nothing queues without bound), waits at most ``stream_idle_s`` for the request message (a
-  client that sends nothing is dropped with DEADLINE_EXCEEDED), parses it (malformed protobuf is
-  INVALID_ARGUMENT, not INTERNAL), and runs the servicer method in the inference pool, whose size is
-  the in-flight limit, so as many requests reach the backend at once as are admitted (Triton's
-  dynamic batcher needs that concurrency).
+  as the call's headers arrive. It waits at most ``stream_idle_s`` for the request message (a client
+  that sends nothing is dropped with DEADLINE_EXCEEDED), parses it (malformed protobuf is
+  INVALID_ARGUMENT, not INTERNAL), admits it (``max_in_flight``: beyond it RESOURCE_EXHAUSTED at once,
+  nothing queues without bound) and runs the servicer method in the inference pool, whose size is the
+  in-flight limit, so as many requests reach the backend at once as are admitted (Triton's dynamic
+  batcher needs that concurrency).
 - The request's :class:`~serving.budget.Budget` carries its deadline and is cancelled when the client
   cancels or the call is cancelled: the gateway's own loops stop at their next check.
 - Health and reflection never enter the pool: they answer while inference is saturated.
@@ -135,6 +135,7 @@ class Boundary:
         self.max_in_flight = int(max_in_flight)
         self.stream_idle_s = float(stream_idle_s)
         self.in_flight = 0  # touched only on the event loop
+        self.draining = False  # set on shutdown: new calls are refused with UNAVAILABLE
 
     def handler(self, method: str, request_type, response_type, behavior) -> grpc.RpcMethodHandler:
         async def call(request_iterator, context):
@@ -160,23 +161,28 @@ class Boundary:
                                          f"({len(raw)} bytes): {exc}") from None
 
     async def _call(self, method, request_type, behavior, request_iterator, context):
-        if self.in_flight >= self.max_in_flight:
-            self.metrics.observe_request(method, grpc.StatusCode.RESOURCE_EXHAUSTED.name, 0.0)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"the gateway is at its limit of {self.max_in_flight} requests in flight; "
-                                f"retry with backoff")
-        self.in_flight += 1
-        self.metrics.in_flight.labels(method).inc()
         start = time.perf_counter()
         code, message = grpc.StatusCode.OK, ""
         budget = Budget(request_timeout(context))
+        admitted = False
         try:
+            # The message first: a call that is still waiting for its body is no work yet and does not
+            # count against the in-flight limit (it costs the event loop a few hundred bytes).
             request = await self._read(method, request_type, request_iterator)
+            if self.draining:
+                raise errors.BackendUnavailable("the gateway is shutting down; retry on another instance")
+            if self.in_flight >= self.max_in_flight:
+                raise errors.ResourceExhausted(f"the gateway is at its limit of {self.max_in_flight} requests in "
+                                               f"flight; retry with backoff")
+            admitted = True
+            self.in_flight += 1
+            self.metrics.in_flight.labels(method).inc()
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self.executor, behavior, request, budget)
         except asyncio.CancelledError:
             budget.cancel()  # the worker thread stops at its next check
             code = grpc.StatusCode.CANCELLED
+            log.info("%s -> CANCELLED (the client went away, or the shutdown grace ended)", method)
             raise
         except Exception as exc:
             code, message = status_for(exc)
@@ -185,8 +191,9 @@ class Boundary:
             else:
                 log.info("%s -> %s: %s", method, code.name, message)
         finally:
-            self.in_flight -= 1
-            self.metrics.in_flight.labels(method).dec()
+            if admitted:
+                self.in_flight -= 1
+                self.metrics.in_flight.labels(method).dec()
             self.metrics.observe_request(method, code.name, time.perf_counter() - start)
         await context.abort(code, message)
 
@@ -282,6 +289,7 @@ class GatewayServer:
         self._server: grpc.aio.Server | None = None
         self._health = None
         self._watcher: asyncio.Task | None = None
+        self._boundary: Boundary | None = None
         self._stopped = threading.Event()
         self._executor = futures.ThreadPoolExecutor(max_workers=config.max_in_flight, thread_name_prefix="salf-gw")
         # Readiness probes get a thread of their own: a saturated inference pool must not delay them.
@@ -324,7 +332,7 @@ class GatewayServer:
         c = self.config
         interceptors = [AuthInterceptor(c.token, self.metrics)] if c.token else []
         server = grpc.aio.server(interceptors=interceptors, options=c.grpc_options())
-        boundary = Boundary(self.metrics, self._executor, c.max_in_flight, c.stream_idle_s)
+        self._boundary = boundary = Boundary(self.metrics, self._executor, c.max_in_flight, c.stream_idle_s)
         server.add_generic_rpc_handlers((gateway_handler(GatewayServicer(self.gateway, c.max_message_mb * 2**20),
                                                          boundary),))
         self._health = health.aio.HealthServicer()
@@ -408,8 +416,14 @@ class GatewayServer:
             self._watcher = None
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
+        end = time.monotonic() + (grace or 0.0)
+        if self._boundary is not None:
+            # Refuse new work with a status a client retries elsewhere, and let the admitted work finish.
+            self._boundary.draining = True
+            while self._boundary.in_flight and time.monotonic() < end:
+                await asyncio.sleep(0.02)
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(None if grace is None else max(0.0, end - time.monotonic()))
 
     def __enter__(self) -> "GatewayServer":
         return self.start()

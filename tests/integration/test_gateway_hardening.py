@@ -1,0 +1,299 @@
+"""The gateway under misbehaving clients: idle streams, overload, deadlines inside its own loops,
+malformed messages, oversized input, a second gateway on the same port, SIGTERM under load."""
+from __future__ import annotations
+
+import socket
+import statistics
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.fixtures.gateway import encode, free_port, sample_image, start_gateway, start_salfctl_serve
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+def _stubs(url):
+    from grpc_health.v1 import health_pb2_grpc
+
+    from salf.v1 import gateway_pb2, gateway_pb2_grpc
+
+    channel = grpc.insecure_channel(url)
+    return channel, gateway_pb2, gateway_pb2_grpc.GatewayStub(channel), health_pb2_grpc.HealthStub(channel)
+
+
+def _health_latency(health, n: int) -> list[float]:
+    from grpc_health.v1 import health_pb2
+
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        r = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        out.append(time.perf_counter() - t)
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+        time.sleep(0.01)
+    return out
+
+
+class IdleStreams:
+    """``n`` HTTP/2 streams to Predict that send their headers and nothing else (raw h2 client)."""
+
+    def __init__(self, port: int, n: int, per_connection: int = 16) -> None:
+        import h2.config
+        import h2.connection
+
+        self.conns = []
+        for start in range(0, n, per_connection):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.settimeout(0.2)
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+            conn.initiate_connection()
+            streams = {}
+            for _ in range(min(per_connection, n - start)):
+                sid = conn.get_next_available_stream_id()
+                conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", "/salf.v1.Gateway/Predict"),
+                                        (":authority", f"127.0.0.1:{port}"), ("content-type", "application/grpc"),
+                                        ("te", "trailers")], end_stream=False)
+                streams[sid] = None
+            sock.sendall(conn.data_to_send())
+            self.conns.append((sock, conn, streams))
+
+    def poll(self) -> dict[str, int]:
+        """Read what arrived; returns counts of streams by state ("open", or the grpc-status they ended with)."""
+        import h2.events
+
+        for sock, conn, streams in self.conns:
+            try:
+                data = sock.recv(1 << 16)
+            except (socket.timeout, BlockingIOError):
+                data = None
+            except OSError:
+                data = b""
+            if data == b"":
+                for sid in streams:
+                    streams[sid] = streams[sid] or "closed"
+                continue
+            if data:
+                for event in conn.receive_data(data):
+                    if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                        status = dict(event.headers).get("grpc-status")
+                        if status is not None:
+                            streams[event.stream_id] = f"grpc-status {status}"
+                    elif isinstance(event, h2.events.StreamReset):
+                        # the server sends its status, then resets the stream the client never half-closed
+                        streams[event.stream_id] = streams[event.stream_id] or "reset"
+                try:
+                    sock.sendall(conn.data_to_send())
+                except OSError:
+                    pass
+        counts: dict[str, int] = {}
+        for _, _, streams in self.conns:
+            for state in streams.values():
+                counts[state or "open"] = counts.get(state or "open", 0) + 1
+        return counts
+
+    def close(self) -> None:
+        for sock, _, _ in self.conns:
+            sock.close()
+
+
+def test_idle_streams_and_busy_clients_do_not_stop_health_or_predict(exported_repo):
+    gw = start_gateway(exported_repo, max_in_flight=48, stream_idle_s=2.0, metrics_port=None)
+    channel, pb, stub, health = _stubs(gw.url)
+    image = encode(sample_image(1))
+    stop = threading.Event()
+    errors, done = [], [0]
+
+    def busy():
+        ch, _, s, _ = _stubs(gw.url)
+        while not stop.is_set():
+            try:
+                s.Predict(pb.PredictRequest(image=image), timeout=30)
+                done[0] += 1
+            except grpc.RpcError as exc:
+                errors.append(exc.code().name)
+        ch.close()
+
+    idle = IdleStreams(gw.server.port, 64)
+    workers = [threading.Thread(target=busy) for _ in range(32)]
+    try:
+        for w in workers:
+            w.start()
+        time.sleep(0.5)
+        assert idle.poll().get("open") == 64  # the 64 streams are really open and waiting
+        latency = _health_latency(health, 60)
+        p99 = float(np.quantile(latency, 0.99))
+        assert p99 < 0.1, f"health p99 {p99 * 1000:.1f} ms with 64 idle streams and 32 busy clients"
+        r = stub.Predict(pb.PredictRequest(image=image), timeout=10)
+        assert len(r.classes) == 3
+        # the idle streams are dropped after --stream-idle (2 s) with DEADLINE_EXCEEDED (4)
+        end = time.monotonic() + 10
+        counts = idle.poll()
+        while counts.get("open", 0) and time.monotonic() < end:
+            counts = idle.poll()
+        assert counts == {"grpc-status 4": 64}, counts
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+        idle.close()
+        channel.close()
+        gw.server.stop(grace=1.0)
+    assert errors == [] and done[0] > 32
+    print(f"health p50 {statistics.median(latency) * 1000:.2f} ms p99 {p99 * 1000:.2f} ms; "
+          f"{done[0]} Predicts by 32 busy clients meanwhile")
+
+
+def _slow_backend(gw, seconds: float):
+    """Make every backend call of ``gw`` take ``seconds`` longer (the real call still runs)."""
+    backend = gw.server.backend
+    original = backend._run
+
+    def slow(model, feeds, outputs, timeout_s):
+        time.sleep(seconds)
+        return original(model, feeds, outputs, timeout_s)
+
+    backend._run = slow
+
+
+def test_in_flight_limit_sheds_load_and_health_still_answers(exported_repo):
+    gw = start_gateway(exported_repo, max_in_flight=2, metrics_port=None)
+    _slow_backend(gw, 1.0)
+    channel, pb, stub, health = _stubs(gw.url)
+    image = encode(sample_image(2))
+    try:
+        calls = [stub.Predict.future(pb.PredictRequest(image=image), timeout=10) for _ in range(2)]
+        time.sleep(0.3)
+        t = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Predict(pb.PredictRequest(image=image), timeout=10)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limit of 2 requests in flight" in info.value.details() and time.perf_counter() - t < 0.5
+        assert max(_health_latency(health, 10)) < 0.1
+        assert all(len(c.result().classes) == 3 for c in calls)  # the admitted ones finish
+        assert len(stub.Predict(pb.PredictRequest(image=image), timeout=10).classes) == 3
+    finally:
+        channel.close()
+        gw.server.stop(grace=1.0)
+
+
+def test_deadline_stops_the_gateways_own_loop(exported_repo):
+    """1000 edits of a full-image mask on a 12 MP image: each edit projects 12 M pixels; with a 0.5 s
+    deadline the call ends DEADLINE_EXCEEDED within a fraction of a second of it (was 47 s past it)."""
+    from serving.service import Limits
+
+    gw = start_gateway(exported_repo, limits=Limits(max_edits=1000), metrics_port=None)
+    channel, pb, stub, _ = _stubs(gw.url)
+    h, w = 3000, 4000
+    image = encode(np.asarray(Image.fromarray(sample_image(3)).resize((w, h))))
+    mask = encode(np.full((h, w), 255, np.uint8))
+    try:
+        first = stub.Explain(pb.ExplainRequest(image=image, heatmaps=pb.HEATMAP_FORMAT_NONE), timeout=60)
+        edit = pb.ConceptEdit(concept_index=0, beta=1.0, region=pb.Region(mask_png=mask))
+        request = pb.InterveneRequest(explanation_id=first.explanation_id, edits=[edit] * 1000)
+        t = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Intervene(request, timeout=0.5)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(1.0)
+        # the gateway stopped working on it: a new call is served at once, and its metrics say why
+        t = time.perf_counter()
+        stub.GetClassRules(pb.GetClassRulesRequest(), timeout=5)
+        assert time.perf_counter() - t < 0.5
+        assert gw.server._executor._work_queue.qsize() == 0
+    finally:
+        channel.close()
+        gw.server.stop(grace=1.0)
+
+
+def test_malformed_messages_and_huge_names_are_invalid_argument(embedded_gateway):
+    channel, pb, stub, _ = _stubs(embedded_gateway.url)
+    try:
+        raw = channel.unary_unary("/salf.v1.Gateway/Predict", request_serializer=None, response_deserializer=None)
+        for garbage in (b"\xff\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f", b"\x0a\x05ab", b"\x10\xff"):
+            with pytest.raises(grpc.RpcError) as info:
+                raw(garbage, timeout=5)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+            assert "not a valid salf.v1.PredictRequest" in info.value.details()
+        name = "x" * 1_000_000
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Explain(pb.ExplainRequest(image=encode(sample_image(4)), class_name=name), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "unknown class" in info.value.details() and len(info.value.details()) < 1000
+        points = pb.Points(points=[pb.Point(x=1, y=1)] * 200_000, radius=1)
+        t = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ExplainRegion(pb.ExplainRegionRequest(image=encode(sample_image(4)), region=pb.Region(points=points)),
+                               timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "200000 points" in info.value.details()
+        assert time.perf_counter() - t < 2.0
+        assert len(stub.Predict(pb.PredictRequest(image=encode(sample_image(4))), timeout=10).classes) == 3
+    finally:
+        channel.close()
+
+
+def test_oversized_images_are_refused_from_their_header(embedded_gateway):
+    channel, pb, stub, _ = _stubs(embedded_gateway.url)
+    big = encode(np.zeros((7999, 7999), np.uint8))  # 64 MP of zeros compresses to ~60 KB
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Predict(pb.PredictRequest(image=big), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "7999x7999 pixels; at most 40000000" in info.value.details()
+        # a mask of another size is refused before its pixels are decoded
+        mask = encode(np.zeros((7000, 5000), np.uint8))
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ExplainRegion(pb.ExplainRegionRequest(image=encode(sample_image(5)), region=pb.Region(mask_png=mask)),
+                               timeout=10)
+        assert "mask is 5000x7000" in info.value.details()
+    finally:
+        channel.close()
+
+
+def test_a_second_gateway_on_the_same_port_fails(exported_repo):
+    from serving.server import GatewayServer, ServeConfig
+
+    first = start_gateway(exported_repo, metrics_port=None)
+    try:
+        with pytest.raises(OSError, match=f"cannot bind the gateway to 127.0.0.1:{first.server.port}"):
+            GatewayServer(ServeConfig(model_repository=exported_repo, host="127.0.0.1", port=first.server.port,
+                                      metrics_port=None)).start()
+    finally:
+        first.server.stop(grace=0.5)
+
+
+def test_sigterm_under_load_finishes_calls_in_flight(exported_repo, tmp_path):
+    serve = start_salfctl_serve(exported_repo, tmp_path / "serve.log", extra=["--grace", "10"])
+    image = encode(sample_image(6))
+    stop, outcomes = threading.Event(), []
+
+    def client():
+        ch, pb, s, _ = _stubs(serve.url)
+        while not stop.is_set():
+            try:
+                s.Predict(pb.PredictRequest(image=image), timeout=20)
+                outcomes.append("OK")
+            except grpc.RpcError as exc:
+                outcomes.append(exc.code().name)
+                time.sleep(0.05)
+        ch.close()
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    code = serve.stop(grace=30.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    log = serve.log_path.read_text()
+    assert code == 0, log
+    assert "Traceback" not in log and "KeyError" not in log, log
+    assert "gateway stopped" in log
+    assert outcomes.count("OK") > 8
+    # after SIGTERM new calls are refused (UNAVAILABLE); none that was admitted failed
+    assert set(outcomes) <= {"OK", "UNAVAILABLE"}, sorted(set(outcomes))
