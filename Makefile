@@ -14,7 +14,7 @@ DEMO_SYNTH_ARGS ?=
 DEMO_PORT ?= 50151
 DEMO_REPO ?= model_repository
 
-.PHONY: all venv proto demo test test-unit test-integration triton-env triton clean bench-similarity
+.PHONY: all venv proto demo test test-unit test-integration triton-env triton clean bench-similarity bench-serving
 
 all: venv proto
 
@@ -63,6 +63,13 @@ BENCH_ARGS ?= --clip salf-tiny-clip-112 --images 32 --repeats 5
 bench-similarity: venv
 	mkdir -p $(RUNS)
 	$(PY) -m training.clip.bench $(BENCH_ARGS) --json $(RUNS)/bench-similarity.json
+
+# ---------------------------------------------------------------- serving benchmark (issue 11)
+# 32 clients mixing every RPC against `salfctl serve`, embedded and on Triton: throughput, p50/p99, failures.
+BENCH_SERVING_ARGS ?= --clients 32 --seconds 15
+bench-serving: venv proto triton-env
+	mkdir -p $(RUNS)
+	$(PY) -m tests.bench.serving $(BENCH_SERVING_ARGS) --json $(RUNS)/bench-serving.json
 
 # ---------------------------------------------------------------- demo
 demo: venv proto

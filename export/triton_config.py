@@ -157,7 +157,9 @@ def model_config(name: str, flavour: str, inputs: list[TensorSpec], outputs: lis
         "name": name,
         "backend": flavour,
         "max_batch_size": int(opts.max_batch_size),
-        "version_policy": {"latest": {"num_versions": 1}},
+        # The newest two: while a new version loads, the gateway's requests in flight on the previous one
+        # still find it (serving/server.py switches versions once the new one is ready).
+        "version_policy": {"latest": {"num_versions": 2}},
         "input": [_tensor(t) for t in inputs],
         "output": [_tensor(t) for t in outputs],
         "instance_group": [{"count": int(opts.instance_count), "kind": Enum(INSTANCE_KINDS[opts.instance_kind])}],

@@ -117,7 +117,8 @@ class TritonServer:
 
     def __init__(self, repository: str | Path, log_path: str | Path | None = None, env: str | Path | None = None,
                  http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0, host: str = "127.0.0.1",
-                 extra_args: tuple[str, ...] = (), ready_timeout_s: float = 120.0, bind: str = "127.0.0.1") -> None:
+                 extra_args: tuple[str, ...] = (), ready_timeout_s: float = 120.0, bind: str = "127.0.0.1",
+                 poll_secs: int = 2) -> None:
         self.repository = Path(repository).resolve()
         if not self.repository.is_dir():
             raise TritonError(f"model repository {self.repository} does not exist")
@@ -128,6 +129,9 @@ class TritonServer:
         self.log_path = Path(log_path) if log_path else self.repository.parent / "tritonserver.log"
         self.host = host
         self.bind = bind  # the interface all three endpoints listen on: loopback unless opened on purpose
+        # Poll the repository: a new model version written by `salfctl export` is loaded (and the oldest
+        # of the three kept unloaded) without a restart; 0 loads the repository once.
+        self.poll_secs = int(poll_secs)
         self.requested_ports = (http_port, grpc_port, metrics_port)
         self.extra_args = tuple(extra_args)
         self.ready_timeout_s = ready_timeout_s
@@ -156,7 +160,9 @@ class TritonServer:
                 "--allow-metrics=true", "--allow-gpu-metrics=false", "--strict-readiness=true",
                 "--exit-timeout-secs=10", "--log-verbose=0",
                 # No pinned host memory: CPU-only hosts have no CUDA driver to allocate it with.
-                "--pinned-memory-pool-byte-size=0", *self.extra_args]
+                "--pinned-memory-pool-byte-size=0",
+                *(("--model-control-mode=poll", f"--repository-poll-secs={self.poll_secs}") if self.poll_secs else ()),
+                *self.extra_args]
 
     def _environment(self) -> dict:
         env = dict(os.environ)

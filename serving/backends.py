@@ -166,7 +166,8 @@ class TritonBackend(Backend):
             inputs.append(inp)
         requested = [self._grpcclient.InferRequestedOutput(o) for o in outputs]
         try:
-            result = self._client.infer(model, inputs, outputs=requested, client_timeout=timeout_s)
+            result = self._client.infer(model, inputs, outputs=requested, client_timeout=timeout_s,
+                                        model_version=str(self.spec.version))
         except InferenceServerException as exc:
             raise _translate(exc, model, self.target) from exc
         return [result.as_numpy(o) for o in outputs]
@@ -175,7 +176,8 @@ class TritonBackend(Backend):
         from tritonclient.utils import InferenceServerException
 
         try:
-            return all(self._client.is_model_ready(m, client_timeout=timeout_s) for m in (CBM_MODEL, HEAD_MODEL))
+            return all(self._client.is_model_ready(m, str(self.spec.version), client_timeout=timeout_s)
+                       for m in (CBM_MODEL, HEAD_MODEL))
         except InferenceServerException:
             return False
 

@@ -80,9 +80,10 @@ class GatewayServicer:
         self.pb, _ = load_api()
 
     def Predict(self, request, budget):
-        classes, size = self.gateway.predict(request.image, request.top_k, budget)
+        g = self.gateway  # one version answers the whole call, even if a new one is switched in meanwhile
+        classes, size = g.predict(request.image, request.top_k, budget)
         return self.pb.PredictResponse(classes=[class_score_pb(self.pb, c) for c in classes],
-                                       image_height=size[0], image_width=size[1])
+                                       image_height=size[0], image_width=size[1], model_version=g.spec.version)
 
     def Explain(self, request, budget):
         pb = self.pb
@@ -90,7 +91,8 @@ class GatewayServicer:
         fmt = request.heatmaps
         if fmt not in pb.HeatmapFormat.values():
             raise errors.InvalidArgument(f"heatmaps format {fmt} is not one of {list(pb.HeatmapFormat.keys())}")
-        r = self.gateway.explain(request.image,
+        g = self.gateway
+        r = g.explain(request.image,
                                  class_name=request.class_name if which == "class_name" else None,
                                  class_index=request.class_index if which == "class_index" else None,
                                  top_k=request.top_k, heatmaps=fmt != pb.HEATMAP_FORMAT_NONE,
@@ -98,7 +100,7 @@ class GatewayServicer:
         response = pb.ExplainResponse(explanation_id=r.explanation_id, target=class_score_pb(pb, r.target),
                                       predictions=[class_score_pb(pb, c) for c in r.predictions],
                                       concepts=[contribution_pb(pb, c, fmt) for c in r.concepts],
-                                      image_height=r.size[0], image_width=r.size[1])
+                                      image_height=r.size[0], image_width=r.size[1], model_version=g.spec.version)
         # Heatmaps grow with the image; say why instead of failing in the transport (RESOURCE_EXHAUSTED).
         size = response.ByteSize()
         if size > self.max_message_bytes:
@@ -109,27 +111,29 @@ class GatewayServicer:
 
     def ExplainRegion(self, request, budget):
         pb = self.pb
-        region = region_from_pb(request.region if request.HasField("region") else None,
-                                self.gateway.limits.max_points)
-        r = self.gateway.explain_region(region, request.explanation_id, request.image, request.top_k,
+        g = self.gateway
+        region = region_from_pb(request.region if request.HasField("region") else None, g.limits.max_points)
+        r = g.explain_region(region, request.explanation_id, request.image, request.top_k,
                                         budget)
         return pb.ExplainRegionResponse(explanation_id=r.explanation_id,
                                         concepts=[activation_pb(pb, a) for a in r.concepts],
-                                        region_area=r.area, image_height=r.size[0], image_width=r.size[1])
+                                        region_area=r.area, image_height=r.size[0], image_width=r.size[1],
+                                        model_version=g.spec.version)
 
     def Intervene(self, request, budget):
         pb = self.pb
-        max_edits = self.gateway.limits.edits_for(self.gateway.spec.num_concepts)
+        g = self.gateway
+        max_edits = g.limits.edits_for(g.spec.num_concepts)
         if len(request.edits) > max_edits:  # before converting any of them
             raise errors.InvalidArgument(f"intervene has {len(request.edits)} edits; at most {max_edits} are accepted "
-                                         f"for this model ({self.gateway.spec.num_concepts} concepts)")
+                                         f"for this model ({g.spec.num_concepts} concepts)")
         edits = []
         for n, e in enumerate(request.edits):
             try:
-                edits.append(edit_from_pb(e, self.gateway.limits.max_points))
+                edits.append(edit_from_pb(e, g.limits.max_points))
             except errors.InvalidArgument as exc:
                 raise errors.InvalidArgument(f"edit {n}: {exc}") from None
-        r = self.gateway.intervene(edits, request.explanation_id, request.image, request.top_k,
+        r = g.intervene(edits, request.explanation_id, request.image, request.top_k,
                                    budget)
         return pb.InterveneResponse(
             explanation_id=r.explanation_id,
@@ -138,21 +142,23 @@ class GatewayServicer:
             predicted_after=class_score_pb(pb, r.predicted_after),
             logits_before=r.logits_before.tolist(), logits_after=r.logits_after.tolist(),
             logit_deltas=(r.logits_after - r.logits_before).tolist(),
-            region_concepts=[activation_pb(pb, a) for a in r.region_concepts])
+            region_concepts=[activation_pb(pb, a) for a in r.region_concepts], model_version=g.spec.version)
 
     def GetModelInfo(self, request, budget):
-        spec, backend = self.gateway.spec, self.gateway.backend
+        g = self.gateway
+        spec, backend = g.spec, g.backend
         return self.pb.ModelInfo(
             concepts=list(spec.concepts), classes=list(spec.classes), grid_height=spec.grid[0],
             grid_width=spec.grid[1], input_height=spec.input_size[0], input_width=spec.input_size[1],
             backend=backend.name, backend_target=backend.target, backend_ready=backend.ready(timeout_s=1.0),
             pooling=spec.pooling, radius=spec.radius, flavour=spec.flavour, bundle_sha256=spec.bundle_sha256,
-            format_version=spec.format_version)
+            format_version=spec.format_version, model_version=spec.version)
 
     def GetClassRules(self, request, budget):
-        pb, spec = self.pb, self.gateway.spec
+        g = self.gateway
+        pb, spec = self.pb, g.spec
         rules = [pb.ClassRule(class_index=l, class_name=spec.classes[l], bias=bias,
                               terms=[pb.RuleTerm(concept_index=m, concept_name=spec.concepts[m], weight=w)
                                      for m, w in terms])
-                 for l, bias, terms in self.gateway.class_rules(request.class_name)]
+                 for l, bias, terms in g.class_rules(request.class_name)]
         return pb.GetClassRulesResponse(rules=rules)

@@ -36,7 +36,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from salf import load_api
-from salf.contract.repository import load_model_spec
+from salf.contract.repository import latest_version, load_model_spec
 
 from . import errors
 from .backends import Backend, EmbeddedBackend, TritonBackend
@@ -242,6 +242,7 @@ class ServeConfig:
     device: str = "cpu"
     max_message_mb: int = 64
     readiness_interval_s: float = 5.0
+    poll_interval_s: float = 5.0  # how often the repository is checked for a new model version (0: never)
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -273,14 +274,9 @@ class GatewayServer:
         self.metrics = GatewayMetrics()
         spec = load_model_spec(config.model_repository)
         self.backend = self._make_backend(spec)
-        cache = TTLCache(config.cache_size, config.cache_ttl_s, on_hit=self.metrics.cache_hits.inc,
-                         on_miss=self.metrics.cache_misses.inc)
-        self.gateway = Gateway(spec, self.backend, cache, config.limits)
-        self.metrics.model_info.info({
-            "backend": self.backend.name, "backend_target": self.backend.target, "flavour": spec.flavour,
-            "concepts": str(spec.num_concepts), "classes": str(spec.num_classes),
-            "grid": f"{spec.grid[0]}x{spec.grid[1]}", "input_size": f"{spec.input_size[0]}x{spec.input_size[1]}",
-            "pooling": spec.pooling, "bundle_sha256": spec.bundle_sha256})
+        self.gateway = self._make_gateway(spec, self.backend)
+        self._servicer: GatewayServicer | None = None
+        self._refused_versions: set[int] = set()
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._ready: bool | None = None
@@ -288,12 +284,25 @@ class GatewayServer:
         self._thread: threading.Thread | None = None
         self._server: grpc.aio.Server | None = None
         self._health = None
-        self._watcher: asyncio.Task | None = None
+        self._watchers: list[asyncio.Task] = []
         self._boundary: Boundary | None = None
         self._stopped = threading.Event()
         self._executor = futures.ThreadPoolExecutor(max_workers=config.max_in_flight, thread_name_prefix="salf-gw")
         # Readiness probes get a thread of their own: a saturated inference pool must not delay them.
         self._probe = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="salf-gw-probe")
+
+    def _make_gateway(self, spec, backend: Backend) -> Gateway:
+        """A :class:`Gateway` for one model version, with a cache of its own (an explanation_id belongs to
+        the version that made it)."""
+        c = self.config
+        cache = TTLCache(c.cache_size, c.cache_ttl_s, on_hit=self.metrics.cache_hits.inc,
+                         on_miss=self.metrics.cache_misses.inc)
+        self.metrics.model_info.info({
+            "backend": backend.name, "backend_target": backend.target, "flavour": spec.flavour,
+            "version": str(spec.version), "concepts": str(spec.num_concepts), "classes": str(spec.num_classes),
+            "grid": f"{spec.grid[0]}x{spec.grid[1]}", "input_size": f"{spec.input_size[0]}x{spec.input_size[1]}",
+            "pooling": spec.pooling, "bundle_sha256": spec.bundle_sha256})
+        return Gateway(spec, backend, cache, c.limits)
 
     def _make_backend(self, spec) -> Backend:
         observe = lambda backend, model, seconds: self.metrics.backend_latency.labels(backend, model).observe(seconds)
@@ -333,8 +342,8 @@ class GatewayServer:
         interceptors = [AuthInterceptor(c.token, self.metrics)] if c.token else []
         server = grpc.aio.server(interceptors=interceptors, options=c.grpc_options())
         self._boundary = boundary = Boundary(self.metrics, self._executor, c.max_in_flight, c.stream_idle_s)
-        server.add_generic_rpc_handlers((gateway_handler(GatewayServicer(self.gateway, c.max_message_mb * 2**20),
-                                                         boundary),))
+        self._servicer = GatewayServicer(self.gateway, c.max_message_mb * 2**20)
+        server.add_generic_rpc_handlers((gateway_handler(self._servicer, boundary),))
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -355,7 +364,11 @@ class GatewayServer:
         # so a load balancer or a Kubernetes gRPC probe routes away while Triton is down.
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._update_readiness()
-        self._watcher = asyncio.get_running_loop().create_task(self._watch_readiness())
+        loop = asyncio.get_running_loop()
+        self._watchers = [loop.create_task(self._every(c.readiness_interval_s, self._update_readiness))]
+        if c.poll_interval_s > 0:  # the repository's latest version (a new export is served without a restart)
+            self._watchers.append(loop.create_task(self._every(
+                c.poll_interval_s, lambda: loop.run_in_executor(self._probe, self.switch_version))))
 
     # ---------------------------------------------------------- readiness
 
@@ -369,15 +382,56 @@ class GatewayServer:
                                                  "ready" if ready else "NOT ready: health reports NOT_SERVING")
             self._ready = ready
 
-    async def _watch_readiness(self) -> None:
+    async def _every(self, seconds: float, work) -> None:
+        """``await work()`` every ``seconds`` until cancelled; a failure is logged and retried next tick."""
         while True:
-            await asyncio.sleep(self.config.readiness_interval_s)
-            try:
-                await self._update_readiness()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a probe must never kill the watcher; the next tick retries
-                log.exception("backend readiness check failed")
+            await asyncio.sleep(seconds)
+            await self._guarded(work())
+
+    @staticmethod
+    async def _guarded(work) -> None:
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a probe must never kill the watcher; the next tick retries
+            log.exception("backend readiness or repository check failed")
+
+    # ---------------------------------------------------------- model versions
+
+    @property
+    def version(self) -> int:
+        return self.gateway.spec.version
+
+    def switch_version(self) -> bool:
+        """Serve the repository's latest model version if it is not the one served (a new export, or a
+        rollback that removed the newest). The new version's backend must be ready first (Triton loads it
+        on its own); calls in flight finish on the version they started on. Returns whether it switched."""
+        latest = latest_version(self.config.model_repository)
+        if latest is None or latest == self.version or latest in self._refused_versions:
+            return False
+        try:
+            spec = load_model_spec(self.config.model_repository, latest)
+            backend = self._make_backend(spec)
+        except Exception as exc:
+            self._refused_versions.add(latest)
+            log.error("model version %d in %s cannot be served (staying on %d): %s", latest,
+                      self.config.model_repository, self.version, exc)
+            return False
+        if not backend.ready(timeout_s=2.0):
+            log.info("model version %d is not ready on the %s backend yet; serving %d meanwhile", latest,
+                     backend.name, self.version)
+            backend.close()
+            return False
+        old = self.version
+        self.gateway = gateway = self._make_gateway(spec, backend)
+        self.backend = backend
+        if self._servicer is not None:
+            self._servicer.gateway = gateway  # new calls get it; the old gateway lives on in calls in flight
+        log.info("now serving model version %d (was %d)", latest, old)
+        # The previous backend is not closed here: calls in flight may still use it; it is released when
+        # the last of them drops its reference.
+        return True
 
     # ---------------------------------------------------------- stop
 
@@ -411,9 +465,9 @@ class GatewayServer:
         self._stopped.set()
 
     async def _stop(self, grace: float | None) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            self._watcher = None
+        for task in self._watchers:
+            task.cancel()
+        self._watchers = []
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         end = time.monotonic() + (grace or 0.0)

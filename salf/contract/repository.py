@@ -6,10 +6,19 @@ all three take every name from here, and :func:`validate_metadata` is the one ch
 
 ```
 REPO/
-  salf_cbm/config.pbtxt  salf_cbm/1/model.onnx  [salf_cbm/1/model.py: python flavour]
-  salf_head/config.pbtxt salf_head/1/model.onnx [salf_head/1/model.py]
-  salf_model.json  concepts.json  classes.json  head.safetensors
+  salf_cbm/config.pbtxt
+  salf_cbm/<v>/model.onnx [model.py: python flavour]  salf_model.json  head.safetensors
+  salf_head/config.pbtxt
+  salf_head/<v>/model.onnx [model.py]
+  salf_model.json  concepts.json  classes.json  head.safetensors      (copies of the latest version's)
 ```
+
+Model versions: every export adds version ``v`` = latest + 1 (1 for a new repository) and keeps the
+previous ones (:data:`KEEP_VERSIONS` in all). A version's metadata and head travel inside its
+``salf_cbm/<v>/`` folder, so a version is complete or absent (export renames it into place), Triton
+serves the latest two (``version_policy``) and a gateway that is still answering on ``v`` reads ``v``'s
+own files while ``v + 1`` arrives. A repository written before versions existed (files at the top
+level only, ``salf_cbm/1/``) reads as version 1.
 
 - ``salf_cbm``: ``image`` UINT8 ``[-1, H, W, 3]`` -> ``concept_maps`` FP32 ``[-1, M, Gh, Gw]``,
   ``concept_scores`` FP32 ``[-1, M]``, ``logits`` FP32 ``[-1, L]``.
@@ -28,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from . import ContractError
-from .files import atomic_write_json
+from .files import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +54,7 @@ HEAD_FILE = "head.safetensors"
 ONNX_FILE = "model.onnx"
 PYTHON_MODEL_FILE = "model.py"
 CONFIG_FILE = "config.pbtxt"
-MODEL_VERSION = "1"
+KEEP_VERSIONS = 3  # versions an export keeps (Triton serves the latest 2; one more for rollback)
 
 # Tensor names of the two graphs (ONNX, Triton config, gateway requests).
 IMAGE = "image"
@@ -72,13 +81,34 @@ class RepositoryError(ContractError):
     """The model repository is missing, of an unsupported format, or inconsistent."""
 
 
-def onnx_relpath(model: str, version: str = MODEL_VERSION) -> str:
+def onnx_relpath(model: str, version: int | str = 1) -> str:
     """``<model>/<version>/model.onnx``, relative to the repository root."""
     return f"{model}/{version}/{ONNX_FILE}"
 
 
+def model_versions(root: str | Path) -> list[int]:
+    """The complete versions of a repository, ascending: numeric folders of ``salf_cbm`` holding a
+    ``model.onnx`` (and their ``salf_head`` counterpart)."""
+    root = Path(root)
+    found = []
+    for entry in (root / CBM_MODEL).iterdir() if (root / CBM_MODEL).is_dir() else ():
+        if entry.name.isdigit() and (entry / ONNX_FILE).is_file() and (root / onnx_relpath(HEAD_MODEL, entry.name)).is_file():
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def latest_version(root: str | Path) -> int | None:
+    versions = model_versions(root)
+    return versions[-1] if versions else None
+
+
+def version_dir(root: str | Path, version: int) -> Path:
+    """Where version ``version``'s metadata and head live (``salf_cbm/<v>/``)."""
+    return Path(root) / CBM_MODEL / str(version)
+
+
 # --------------------------------------------------------------------------- metadata
-def metadata_document(*, flavour: str, input_size, mean, std, grid, radius, pooling: str, concepts, classes,
+def metadata_document(*, model_version: int, flavour: str, input_size, mean, std, grid, radius, pooling: str, concepts, classes,
                       backbone: dict, clip, max_batch_size: int, opset: int, models: dict, head_sha256: str,
                       bundle_weights_sha256: str, metrics: dict, parity: dict | None) -> dict:
     """``salf_model.json`` as export writes it (validated with :func:`validate_metadata`).
@@ -87,6 +117,7 @@ def metadata_document(*, flavour: str, input_size, mean, std, grid, radius, pool
     """
     doc = {
         "format_version": FORMAT_VERSION,
+        "model_version": int(model_version),
         "flavour": flavour,
         "input": {"name": IMAGE, "dtype": "uint8", "layout": "NHWC"},
         "input_size": [int(v) for v in input_size],
@@ -101,7 +132,7 @@ def metadata_document(*, flavour: str, input_size, mean, std, grid, radius, pool
         "clip": clip,
         "max_batch_size": int(max_batch_size),
         "opset": int(opset),
-        "models": {name: {"onnx": onnx_relpath(name), **info} for name, info in models.items()},
+        "models": {name: {"onnx": onnx_relpath(name, model_version), **info} for name, info in models.items()},
         "head": {"file": HEAD_FILE, "sha256": head_sha256},
         "bundle": {"weights_sha256": bundle_weights_sha256, "metrics": metrics},
         "parity": parity,
@@ -150,6 +181,9 @@ def validate_metadata(doc, where: str = METADATA_FILE) -> dict:
         raise RepositoryError(f"{where}: pooling {doc['pooling']!r} is not one of {POOLINGS}")
     if doc.get("flavour", "") not in ("", *FLAVOURS):
         raise RepositoryError(f"{where}: flavour {doc['flavour']!r} is not one of {FLAVOURS}")
+    version = doc.get("model_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise RepositoryError(f"{where}: model_version must be a positive integer, got {version!r}")
     return doc
 
 
@@ -158,10 +192,13 @@ def write_metadata(root: str | Path, doc: dict) -> Path:
     return atomic_write_json(Path(root) / METADATA_FILE, validate_metadata(doc, str(Path(root) / METADATA_FILE)))
 
 
-def read_metadata(root: str | Path) -> dict:
-    """``root/salf_model.json``, validated."""
+def read_metadata(root: str | Path, version: int | None = None) -> dict:
+    """Validated ``salf_model.json`` of ``version`` (``salf_cbm/<v>/``; a repository from before versions
+    has it at the top level only), or the top-level copy (the latest version's) when ``version`` is None."""
     root = Path(root)
     path = root / METADATA_FILE
+    if version is not None and (version_dir(root, version) / METADATA_FILE).is_file():
+        path = version_dir(root, version) / METADATA_FILE
     if not path.is_file():
         raise RepositoryError(f"{root} is not a SALF-CBM model repository: {path} does not exist "
                               f"(write one with `salfctl export BUNDLE --out {root}`)")
@@ -188,10 +225,10 @@ class HeadArrays:
 
 
 def write_head(path: str | Path, head: HeadArrays) -> None:
-    """``head.safetensors`` (float32, contiguous)."""
-    from safetensors.numpy import save_file
+    """``head.safetensors`` (float32, contiguous), written atomically."""
+    from safetensors.numpy import save
 
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in head.tensors().items()}, str(path))
+    atomic_write_bytes(path, save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in head.tensors().items()}))
 
 
 def read_head(path: str | Path, num_concepts: int, num_classes: int) -> HeadArrays:
@@ -219,8 +256,9 @@ def read_head(path: str | Path, num_concepts: int, num_classes: int) -> HeadArra
 # --------------------------------------------------------------------------- the served model
 @dataclass(frozen=True)
 class ModelSpec:
-    """A repository as the gateway serves it: validated metadata and the head arrays."""
+    """One version of a repository as the gateway serves it: validated metadata and the head arrays."""
     root: Path
+    version: int
     format_version: int
     flavour: str
     input_size: tuple[int, int]
@@ -244,23 +282,31 @@ class ModelSpec:
         return len(self.classes)
 
     def onnx_path(self, model: str) -> Path:
-        return self.root / onnx_relpath(model)
+        return self.root / onnx_relpath(model, self.version)
 
 
-def load_model_spec(root: str | Path) -> ModelSpec:
-    """Read and validate ``root/salf_model.json`` and ``root/head.safetensors``."""
+def load_model_spec(root: str | Path, version: int | None = None) -> ModelSpec:
+    """Read and validate version ``version`` (default: the latest) of the repository at ``root``: its
+    ``salf_model.json`` and ``head.safetensors``."""
     root = Path(root).resolve()
-    doc = read_metadata(root)
-    where = str(root / METADATA_FILE)
+    if version is None:
+        version = latest_version(root) or 1
+    folder = version_dir(root, version)
+    own = (folder / METADATA_FILE).is_file()
+    doc = read_metadata(root, version)
+    where = str((folder if own else root) / METADATA_FILE)
+    if own and doc.get("model_version", 1) != version:
+        raise RepositoryError(f"{where} says model_version {doc.get('model_version')!r} but lies in version {version}")
     concepts, classes = _names(doc, "concepts", where), _names(doc, "classes", where)
-    head = read_head(root / HEAD_FILE, len(concepts), len(classes))
-    spec = ModelSpec(root=root, format_version=int(doc["format_version"]), flavour=str(doc.get("flavour", "")),
+    head = read_head((folder if own else root) / HEAD_FILE, len(concepts), len(classes))
+    spec = ModelSpec(root=root, version=int(version), format_version=int(doc["format_version"]),
+                     flavour=str(doc.get("flavour", "")),
                      input_size=_pair(doc, "input_size", where), grid=_pair(doc, "grid", where),
                      radius=float(doc.get("radius", 0.0)), pooling=str(doc["pooling"]),
                      concepts=concepts, classes=classes,
                      bundle_sha256=str((doc.get("bundle") or {}).get("weights_sha256", "")),
                      weight=head.weight, bias=head.bias, concept_mean=head.concept_mean,
                      concept_std=head.concept_std)
-    log.info("model repository %s: %d concepts, %d classes, input %s, grid %s, %s pooling",
-             root, spec.num_concepts, spec.num_classes, spec.input_size, spec.grid, spec.pooling)
+    log.info("model repository %s version %d: %d concepts, %d classes, input %s, grid %s, %s pooling",
+             root, version, spec.num_concepts, spec.num_classes, spec.input_size, spec.grid, spec.pooling)
     return spec

@@ -295,5 +295,9 @@ def test_sigterm_under_load_finishes_calls_in_flight(exported_repo, tmp_path):
     assert "Traceback" not in log and "KeyError" not in log, log
     assert "gateway stopped" in log
     assert outcomes.count("OK") > 8
-    # after SIGTERM new calls are refused (UNAVAILABLE); none that was admitted failed
-    assert set(outcomes) <= {"OK", "UNAVAILABLE"}, sorted(set(outcomes))
+    # No call the gateway had started on was cut: its boundary logs every cancellation it sees.
+    assert "-> CANCELLED" not in log and "-> UNKNOWN" not in log and "-> INTERNAL" not in log, log[-3000:]
+    # After SIGTERM new calls are refused: UNAVAILABLE from the draining gateway, or, for a call that
+    # reaches the transport as it closes and is never started, CANCELLED (RST_STREAM) from gRPC itself.
+    assert set(outcomes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, sorted(set(outcomes))
+    assert outcomes.count("CANCELLED") <= len(threads)

@@ -34,14 +34,15 @@ def _copy(repo, tmp_path):
 
 
 def _edit_metadata(repo, **changes):
-    path = repo / contract.METADATA_FILE
-    doc = json.loads(path.read_text())
-    for key, value in changes.items():
-        if value is None:
-            doc.pop(key)
-        else:
-            doc[key] = value
-    path.write_text(json.dumps(doc))
+    """The same change to the latest version's metadata and its top-level copy."""
+    for path in (repo / contract.METADATA_FILE, contract.version_dir(repo, 1) / contract.METADATA_FILE):
+        doc = json.loads(path.read_text())
+        for key, value in changes.items():
+            if value is None:
+                doc.pop(key)
+            else:
+                doc[key] = value
+        path.write_text(json.dumps(doc))
 
 
 def test_export_writes_what_the_serving_loader_reads(exported):
@@ -89,7 +90,7 @@ def test_head_that_does_not_fit_the_metadata_is_refused(exported, tmp_path):
 
 def test_the_writer_validates_with_the_reader_rules(tmp_path):
     with pytest.raises(RepositoryError, match="pooling 'median'"):
-        contract.metadata_document(flavour="python", input_size=(8, 8), mean=(0, 0, 0), std=(1, 1, 1), grid=(2, 2),
+        contract.metadata_document(model_version=1, flavour="python", input_size=(8, 8), mean=(0, 0, 0), std=(1, 1, 1), grid=(2, 2),
                                    radius=2, pooling="median", concepts=["a"], classes=["b"], backbone={}, clip=None,
                                    max_batch_size=4, opset=18, models={}, head_sha256="", bundle_weights_sha256="",
                                    metrics={}, parity=None)

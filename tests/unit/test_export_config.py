@@ -33,7 +33,7 @@ def test_config_parses_as_triton_model_config(flavour):
     assert list(cfg.output[0].dims) == [6, 7, 7]
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 2000
     assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_AUTO
-    assert cfg.version_policy.latest.num_versions == 1
+    assert cfg.version_policy.latest.num_versions == 2  # the newest two: a version switch never strands requests in flight
     warm = cfg.model_warmup[0]
     assert warm.batch_size == 1 and warm.inputs["image"].zero_data
     assert list(warm.inputs["image"].dims) == [64, 64, 3]
