@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         for backend in args.backends.split(","):
             triton = TritonServer(repo, log_path=work / "triton.log", poll_secs=0).start() if backend == "triton" else None
             extra = ["--triton", triton.grpc_url] if triton else []
-            serve = start_salfctl_serve(repo, work / f"serve-{backend}.log", extra=[*extra, "--log-level", "WARNING"])
+            serve = start_salfctl_serve(repo, work / f"serve-{backend}.log", extra=extra)
             try:
                 run_load(serve.url, 2, 2.0)  # warm-up
                 results[backend] = run_load(serve.url, args.clients, args.seconds)

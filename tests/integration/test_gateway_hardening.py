@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.fixtures.gateway import encode, free_port, sample_image, start_gateway, start_salfctl_serve
+from tests.fixtures.gateway import encode, sample_image, start_gateway, start_salfctl_serve
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -301,3 +301,29 @@ def test_sigterm_under_load_finishes_calls_in_flight(exported_repo, tmp_path):
     # reaches the transport as it closes and is never started, CANCELLED (RST_STREAM) from gRPC itself.
     assert set(outcomes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, sorted(set(outcomes))
     assert outcomes.count("CANCELLED") <= len(threads)
+
+
+def test_sixteen_bit_and_exif_rotated_images_get_the_right_prediction(embedded_gateway):
+    """The gateway sees the pixels a person sees: a 16-bit PNG predicts like its 8-bit version, and a
+    JPEG stored sideways with an EXIF orientation predicts like the upright picture."""
+    import io
+
+    channel, pb, stub, _ = _stubs(embedded_gateway.url)
+    rgb = sample_image(10)
+    logits = lambda data: np.array([c.logit for c in sorted(
+        stub.Predict(pb.PredictRequest(image=data, top_k=3), timeout=10).classes, key=lambda c: c.index)])
+    try:
+        grey16 = rgb[..., 0].astype(np.uint16) * 257 + 3  # high byte = the 8-bit value
+        np.testing.assert_array_equal(logits(encode(grey16)), logits(encode(rgb[..., 0])))
+        stored = Image.fromarray(rgb).transpose(Image.Transpose.ROTATE_90)
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        buf = io.BytesIO()
+        stored.save(buf, format="JPEG", quality=95, exif=exif)
+        tagged = buf.getvalue()
+        upright = np.asarray(Image.open(io.BytesIO(tagged)).convert("RGB").transpose(Image.Transpose.ROTATE_270))
+        np.testing.assert_array_equal(logits(tagged), logits(encode(upright)))
+        r = stub.Predict(pb.PredictRequest(image=tagged), timeout=10)
+        assert (r.image_height, r.image_width) == rgb.shape[:2]
+    finally:
+        channel.close()

@@ -123,3 +123,17 @@ def test_masks_follow_exif_and_the_alpha_rule():
     # the gateway reports a size mismatch as a bad argument
     with pytest.raises(InvalidArgument, match="the mask must have the image's own size"):
         serving_decode_mask(_save(stored, "PNG"), (30, 44))  # no EXIF: stored 44x30 is not the image's size
+
+
+def test_large_jpegs_decode_at_reduced_scale_with_their_own_size():
+    """Draft decoding: a JPEG 4x the input is decoded at 1/2-1/4 scale; the model input stays close to a
+    full decode + resize, and the reported size is the full image's."""
+    rng = np.random.default_rng(3)
+    low = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    big = np.asarray(Image.fromarray(low).resize((640, 480), Image.BILINEAR))
+    data = _save(Image.fromarray(big), "JPEG", quality=95)
+    d = decode_image(data, (112, 112))
+    assert d.size == (480, 640)
+    full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((112, 112), Image.BILINEAR))
+    assert np.abs(d.model_input.astype(int) - full.astype(int)).mean() < 3.0
+    assert load_image(data, (112, 112)).tobytes() == d.model_input.tobytes()  # one path for everyone
