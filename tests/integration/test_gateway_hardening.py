@@ -327,3 +327,31 @@ def test_sixteen_bit_and_exif_rotated_images_get_the_right_prediction(embedded_g
         assert (r.image_height, r.image_width) == rgb.shape[:2]
     finally:
         channel.close()
+
+
+def test_a_cancelled_call_stops_its_work(exported_repo):
+    """A client that cancels a long Intervene (no deadline) frees the gateway's worker within a step:
+    with one worker, a task queued right after the cancellation runs at once."""
+    from serving.service import Limits
+
+    gw = start_gateway(exported_repo, limits=Limits(max_edits=1000), max_in_flight=1, metrics_port=None)
+    channel, pb, stub, _ = _stubs(gw.url)
+    h, w = 3000, 4000
+    image = encode(np.asarray(Image.fromarray(sample_image(11)).resize((w, h))))
+    mask = encode(np.full((h, w), 255, np.uint8))
+    try:
+        first = stub.Explain(pb.ExplainRequest(image=image, heatmaps=pb.HEATMAP_FORMAT_NONE), timeout=60)
+        edit = pb.ConceptEdit(concept_index=0, beta=1.0, region=pb.Region(mask_png=mask))
+        call = stub.Intervene.future(pb.InterveneRequest(explanation_id=first.explanation_id, edits=[edit] * 1000))
+        time.sleep(1.0)
+        assert call.cancel()
+        time.sleep(0.3)
+        t = time.perf_counter()
+        gw.server._executor.submit(lambda: None).result(timeout=30)
+        waited = time.perf_counter() - t
+        assert waited < 1.0, f"the cancelled call kept the only worker busy for {waited:.1f} s more"
+        cancelled = gw.server.metrics.requests.labels("Intervene", "CANCELLED")._value.get()
+        assert cancelled == 1
+    finally:
+        channel.close()
+        gw.server.stop(grace=1.0)
