@@ -8,7 +8,6 @@ status codes per RPC is printed (and written to ``$SALF_CORPUS_REPORT`` when set
 from __future__ import annotations
 
 import collections
-import io
 import json
 import os
 import struct
@@ -20,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from tests.fixtures.gateway import encode, sample_image
+from tests.fixtures.gateway import encode, sample_image, save_image as _save
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -29,12 +28,6 @@ TABLE: dict[str, collections.Counter] = collections.defaultdict(collections.Coun
 SETTINGS = settings(max_examples=70, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                            HealthCheck.data_too_large])
-
-
-def _save(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 def _png_header(width: int, height: int) -> bytes:

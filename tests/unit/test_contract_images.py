@@ -12,6 +12,7 @@ from export.parity import load_images
 from salf.contract.images import decode_mask, load_image
 from serving.errors import InvalidArgument
 from serving.images import decode_image, decode_mask as serving_decode_mask
+from tests.fixtures.gateway import save_image as _save
 from training.data.folder import ImageFolderSplit
 
 INPUT = (40, 56)  # (H, W): every file is resized, so the resize is part of what must agree
@@ -22,12 +23,6 @@ def _rgb(h=30, w=44, seed=0) -> np.ndarray:
     base = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     base[: h // 2, : w // 3] = (250, 20, 20)  # a red block: orientation errors move it
     return base
-
-
-def _save(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 def _exif_rotated_jpeg(rgb: np.ndarray) -> tuple[bytes, bytes]:
