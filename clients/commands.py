@@ -14,15 +14,14 @@ few conveniences named in each command's docstring.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, List, Optional
 
 import typer
 
-from .cli import (DEFAULT_REPO, DEFAULT_TIMEOUT, EXIT_FAILED, EXIT_UNREACHABLE, CaCert, CliError, Json, Repo,
-                  Timeout, Token, TopK, Url, command)
+from .cli import (DEFAULT_REPO, DEFAULT_TIMEOUT, EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, CaCert, CliError, Json,
+                  Repo, Timeout, Token, TopK, Url, command)
 
 COMMANDS = ("predict", "explain", "explain-region", "intervene", "rules", "info")
 
@@ -178,22 +177,6 @@ def _region_mask(region, size: tuple[int, int], default_radius: float):
         return None
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "concept"
-
-
-def _region_by_id(client, region, explanation_id: str, data: bytes, top_k: int):
-    """ExplainRegion on the cached maps; resend the image only if the id expired meanwhile."""
-    import grpc
-
-    try:
-        return client.explain_region(region, explanation_id=explanation_id, top_k=top_k)
-    except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.NOT_FOUND:
-            raise
-        return client.explain_region(region, explanation_id=explanation_id, image=data, top_k=top_k)
-
-
 # ------------------------------------------------------------------ commands
 
 def predict(images: Images, top_k: TopK = 0, url: Url = None, model_repository: Repo = DEFAULT_REPO,
@@ -213,16 +196,33 @@ def explain(images: Images, roi: Roi = None, box: Box = None, point: Points = No
             class_name: Optional[str] = typer.Option(None, "--class", help="Explain this class, not the predicted one."),
             top_k: TopK = 0,
             out: Optional[Path] = typer.Option(None, "--out", "-o", file_okay=False,
-                                               help="Write heatmap overlays (jet over the image) and the ROI outline here."),
+                                               help="Write one figure per image here: the image, the top-k heatmaps "
+                                                    "titled with concept and contribution, a colour bar, the region."),
+            scale: str = typer.Option("common", "--scale", help="Heatmap colours: common (one range for every "
+                                                                "map: strengths compare) or per-map."),
+            save_npz: bool = typer.Option(False, "--save-npz", help="With --out: also <name>.npz with the grid maps "
+                                                                    "and contributions as arrays."),
+            force: bool = typer.Option(False, "--force", help="Overwrite files already in --out."),
             url: Url = None, model_repository: Repo = DEFAULT_REPO, timeout: Timeout = DEFAULT_TIMEOUT,
             token: Token = None, ca_cert: CaCert = None, as_json: Json = False) -> None:
-    """Top-k concepts by contribution S = W(class, m) * c*(m) with heatmaps; a region adds Explain Anything.
+    """Top-k concepts by contribution S = W(class, m) * c*(m) with their concept maps; a region adds Explain
+    Anything.
 
-    With --roi/--box/--point, the top concepts by aggregated activation inside the region are listed too
-    (JSON: "region", the ExplainRegionResponse plus "area"), and the overlays under --out carry the
-    region's outline (JSON: "overlay" per concept, "files").
+    JSON: ExplainResponse (each concept with its grid_map, row-major, and "geometry" saying how a grid cell
+    maps to pixels), with a region "region" (ExplainRegionResponse plus "area"), with --out "figure" (and
+    "npz"). Output names are the images' file names, or their paths relative to their common folder when
+    two names collide; nothing is overwritten without --force.
     """
+    from .figure import SCALES
+
     _check_region_options(box, point)
+    if scale not in SCALES:
+        raise typer.BadParameter(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    if save_npz and out is None:
+        raise typer.BadParameter("--save-npz needs --out DIR")
+    names = output_names(images)
+    if out is not None:
+        claim_outputs(out, names, (".png", ".npz") if save_npz else (".png",), force)
 
     def table(console, row):
         t = row["target"]
@@ -230,17 +230,55 @@ def explain(images: Images, roi: Roi = None, box: Box = None, point: Points = No
                              ("rank", "concept", "contribution", "weight", "score"),
                              [(str(n), c["name"], f"{c['contribution']:+.4f}", f"{c['weight']:+.4f}",
                                f"{c['score']:+.3f}") for n, c in enumerate(row["concepts"], 1)]))
+        if row.get("note"):
+            console.print(row["note"])
         if "region" in row:
             console.print(_region_table(f"region of {row['region']['area']} px: concepts by activation",
                                         row["region"]["concepts"]))
-        for f in row.get("files", []):
-            console.print(f"wrote {f}")
+        for key in ("figure", "npz"):
+            if key in row:
+                console.print(f"wrote {row[key]}")
 
     def produce(client):
         region = _region(client, roi, box, point, radius, required=False)
-        return _rows(client, images, "explain", lambda c, image: _explain_one(c, image, region, class_name, top_k, out))
+        return _rows(client, images, "explain", lambda c, image: _explain_one(
+            c, image, region, class_name, top_k, out, names[image], scale, save_npz))
 
     _run((url, model_repository, timeout, token, ca_cert), as_json, table, produce)
+
+
+def output_names(images: list[Path]) -> dict[Path, str]:
+    """A distinct output name per input: its file stem, or, when two stems collide, its path relative to
+    the inputs' common folder with separators as ``__`` (``a/x.png``, ``b/x.png`` -> ``a__x``, ``b__x``)."""
+    import os
+
+    stems = [p.stem for p in images]
+    if len(set(stems)) == len(stems):
+        return {p: p.stem for p in images}
+    resolved = [p.resolve() for p in images]
+    common = Path(os.path.commonpath([str(r.parent) for r in resolved]))
+    names: dict[Path, str] = {}
+    used: set[str] = set()
+    for p, r in zip(images, resolved):
+        name = "__".join(r.relative_to(common).with_suffix("").parts)
+        if name in used:  # a.png and a.jpg in one folder, or one file given twice
+            name = "__".join(r.relative_to(common).parts).replace(".", "_")
+        base, k = name, 2
+        while name in used:
+            name, k = f"{base}-{k}", k + 1
+        used.add(name)
+        names[p] = name
+    return names
+
+
+def claim_outputs(out: Path, names: dict[Path, str], suffixes: tuple[str, ...], force: bool) -> None:
+    """Refuse (exit 2, before any request) when an output file already exists, unless ``force``."""
+    existing = [out / f"{name}{suffix}" for name in names.values() for suffix in suffixes
+                if (out / f"{name}{suffix}").exists()]
+    if existing and not force:
+        shown = ", ".join(str(p) for p in existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise CliError(f"{shown} already exist(s): pass --force to overwrite, or choose another --out", EXIT_USAGE)
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def _region_table(title: str, activations: list[dict]):
@@ -249,31 +287,58 @@ def _region_table(title: str, activations: list[dict]):
                    for n, a in enumerate(activations, 1)])
 
 
-def _explain_one(client, image: Path, region, class_name, top_k, out: Optional[Path]) -> dict:
+GEOMETRY_RULE = ("bilinear, align_corners=False: grid cell (i, j) is centred at image pixel "
+                 "((i + 0.5) * image_height / grid_height, (j + 0.5) * image_width / grid_width)")
+
+
+def _explain_one(client, image: Path, region, class_name, top_k, out: Optional[Path], name: str,
+                 scale: str = "common", save_npz: bool = False) -> dict:
+    import numpy as np
+
     from salf.contract.images import load_rgb
 
-    from . import render
+    from . import figure
 
     data = image.read_bytes()
-    r = client.explain(data, class_name=class_name, top_k=top_k, heatmaps="png" if out else "none")
+    r = client.explain(data, class_name=class_name, top_k=top_k, heatmaps="none")
     row = message_dict(r)
+    grid = (r.grid_height, r.grid_width)
+    row["geometry"] = {"grid": list(grid), "image_size": [r.image_height, r.image_width], "upsampling": GEOMETRY_RULE}
+    asked = top_k or min(5, len(client.info.concepts))
+    if len(r.concepts) < asked:
+        row["note"] = (f"{len(r.concepts)} of the {asked} concepts asked for: only {r.concepts_available} concepts "
+                       f"have a non-zero weight for {r.target.name!r}")
     if region is not None:
         rr = message_dict(_region_by_id(client, region, r.explanation_id, data, top_k))
         row["region"] = {**rr, "area": rr["region_area"]}
     if out is not None:
         rgb = load_rgb(data)
         mask = _region_mask(region, rgb.shape[:2], client.info.radius)
-        files = []
-        for n, c in enumerate(r.concepts, 1):
-            picture = render.overlay(rgb, render.heatmap_values(c.heatmap))
-            if mask is not None:
-                picture = render.draw_outline(picture, mask)
-            files.append(render.save_png(out / f"{image.stem}.{n:02d}.{_slug(c.name)}.png", picture))
-            row["concepts"][n - 1]["overlay"] = str(files[-1])
-        if mask is not None:
-            files.append(render.save_png(out / f"{image.stem}.roi.png", render.draw_outline(rgb, mask, (255, 0, 0))))
-        row["files"] = [str(f) for f in files]
+        panels = [figure.Panel(c.name, c.contribution, np.asarray(c.grid_map, np.float32).reshape(grid))
+                  for c in r.concepts]
+        title = f"{image.name}: {r.target.name} (p={r.target.probability:.3f}), top {len(panels)} concepts by contribution"
+        row["figure"] = str(out / f"{name}.png")
+        figure.compose(rgb, panels, title, mask, scale).save(row["figure"])
+        if save_npz:
+            row["npz"] = str(out / f"{name}.npz")
+            np.savez(row["npz"], grid_maps=np.stack([p.grid_map for p in panels]) if panels else np.zeros((0, *grid)),
+                     concept_index=np.array([c.index for c in r.concepts], np.int64),
+                     concept_name=np.array([c.name for c in r.concepts]),
+                     contribution=np.array([c.contribution for c in r.concepts], np.float32),
+                     image_size=np.array([r.image_height, r.image_width]), target=np.array(r.target.index))
     return row
+
+
+def _region_by_id(client, region, explanation_id: str, data: bytes, top_k: int):
+    """ExplainRegion on the cached maps; resend the image only if the id expired meanwhile."""
+    import grpc
+
+    try:
+        return client.explain_region(region, explanation_id=explanation_id, top_k=top_k)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        return client.explain_region(region, explanation_id=explanation_id, image=data, top_k=top_k)
 
 
 def explain_region(images: Images, roi: Roi = None, box: Box = None, point: Points = None, radius: Radius = 0.0,

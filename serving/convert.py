@@ -66,6 +66,8 @@ def contribution_pb(pb, c: Contribution, fmt: int):
                                  score=c.score)
     if c.heatmap is not None:
         msg.heatmap.CopyFrom(heatmap_pb(pb, c.heatmap, fmt))
+    if c.grid_map is not None:
+        msg.grid_map.extend(np.asarray(c.grid_map, dtype=np.float32).reshape(-1).tolist())
     return msg
 
 
@@ -100,7 +102,9 @@ class GatewayServicer:
         response = pb.ExplainResponse(explanation_id=r.explanation_id, target=class_score_pb(pb, r.target),
                                       predictions=[class_score_pb(pb, c) for c in r.predictions],
                                       concepts=[contribution_pb(pb, c, fmt) for c in r.concepts],
-                                      image_height=r.size[0], image_width=r.size[1], model_version=g.spec.version)
+                                      image_height=r.size[0], image_width=r.size[1], model_version=g.spec.version,
+                                      grid_height=g.spec.grid[0], grid_width=g.spec.grid[1],
+                                      concepts_available=r.available)
         # Heatmaps grow with the image; say why instead of failing in the transport (RESOURCE_EXHAUSTED).
         size = response.ByteSize()
         if size > self.max_message_bytes:

@@ -79,6 +79,7 @@ class Contribution:
     weight: float
     score: float
     heatmap: np.ndarray | None  # [h, w] float32 at the image's own size
+    grid_map: np.ndarray | None = None  # [Gh, Gw] float32, the concept map itself
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class ExplainResult:
     predictions: list[ClassScore]
     concepts: list[Contribution]
     size: tuple[int, int]
+    available: int = 0  # concepts with a non-zero weight for the target (top_k is capped by it)
 
 
 @dataclass
@@ -268,11 +270,11 @@ class Gateway:
         ups = explain.upsample(entry.maps[chosen], entry.size) if heatmaps and chosen else None
         s = explain.contributions(self.spec.weight, entry.scores, target)
         concepts = [Contribution(m, self.spec.concepts[m], float(s[m]), float(self.spec.weight[target, m]),
-                                 float(entry.scores[m]), None if ups is None else ups[j])
+                                 float(entry.scores[m]), None if ups is None else ups[j], entry.maps[m])
                     for j, m in enumerate(chosen)]
         predictions = self._class_scores(entry.logits, k=min(DEFAULT_TOP_K, self.spec.num_classes))
         return ExplainResult(explanation_id, self._class_scores(entry.logits, order=[target])[0], predictions,
-                             concepts, entry.size)
+                             concepts, entry.size, int(np.count_nonzero(self.spec.weight[target])))
 
     def explain_region(self, region: Region, explanation_id: str = "", image: bytes = b"", top_k: int = 0,
                        timeout_s: float | Budget | None = None) -> RegionResult:

@@ -70,22 +70,31 @@ def test_predict_many_images_as_json_lines(gateway, files, client):
                                    rtol=1e-6)
 
 
-def test_explain_roi_writes_overlays_and_outline(gateway, files, client, tmp_path):
+def test_explain_roi_writes_one_figure_with_the_grid_maps_in_the_json(gateway, files, client, tmp_path):
     out = tmp_path / "out"
-    r = salfctl("explain", files["img0"], "--roi", files["mask"], "--top-k", "3", "--out", out,
+    r = salfctl("explain", files["img0"], "--roi", files["mask"], "--top-k", "3", "--out", out, "--save-npz",
                 "-u", gateway.url, "--json")
     assert r.exit_code == 0, r.output
     (row,) = _jsonl(r.stdout)
     assert 1 <= len(row["concepts"]) <= 3
-    image = np.asarray(Image.open(files["img0"]).convert("RGB"))
-    for c in row["concepts"]:
-        overlay = np.asarray(Image.open(c["overlay"]))
-        assert overlay.shape == image.shape
-        assert not np.array_equal(overlay, image)  # the jet heatmap is blended in
-        assert (overlay[20, 30:80] == 255).all()   # the ROI outline (white) on the mask's top edge
-    roi = np.asarray(Image.open(out / "img0.roi.png"))
-    assert (roi[20, 30:80] == [255, 0, 0]).all() and np.array_equal(roi[40, 50], image[40, 50])
-    assert sorted(p.name for p in out.iterdir()) == sorted(Path(f).name for f in row["files"])
+    # the numbers: every concept's grid map, equal to the RPC's, with the geometry to place it
+    direct = client.explain(files["img0"].read_bytes(), top_k=3, heatmaps="none")
+    assert row["geometry"]["grid"] == [7, 7] and row["geometry"]["image_size"] == [84, 112]
+    for c, d in zip(row["concepts"], direct.concepts):
+        assert len(c["grid_map"]) == 49
+        np.testing.assert_allclose(c["grid_map"], list(d.grid_map), rtol=1e-6)
+    npz = np.load(row["npz"])
+    assert npz["grid_maps"].shape == (len(row["concepts"]), 7, 7)
+    np.testing.assert_allclose(npz["grid_maps"][0].ravel(), row["concepts"][0]["grid_map"], rtol=1e-6)
+    # one figure per image: the image panel (region outlined in red) and one panel per concept
+    figure = np.asarray(Image.open(row["figure"]).convert("RGB"))
+    from clients.figure import PAD, PANEL, display_size
+
+    dh, dw = display_size((84, 112))
+    assert dw == PANEL and figure.shape[1] >= PAD + (1 + len(row["concepts"])) * (dw + PAD)
+    red = (figure[..., 0] > 200) & (figure[..., 1] < 60) & (figure[..., 2] < 60)
+    assert red.sum() > 100  # the ROI outline
+    assert sorted(p.name for p in out.iterdir()) == ["img0.npz", "img0.png"]
     # The region table equals ExplainRegion through the client library.
     direct = client.explain_region(client.region(mask_png=files["mask"].read_bytes()),
                                    image=files["img0"].read_bytes(), top_k=3)
@@ -93,6 +102,23 @@ def test_explain_roi_writes_overlays_and_outline(gateway, files, client, tmp_pat
     np.testing.assert_allclose([a["activation"] for a in row["region"]["concepts"]],
                                [a.activation for a in direct.concepts], rtol=1e-5)
     assert row["region"]["area"] == 40 * 50
+    # nothing is overwritten without --force
+    again = salfctl("explain", files["img0"], "--out", out, "-u", gateway.url)
+    assert again.exit_code == 2 and "img0.png already exist" in again.stderr and "--force" in again.stderr
+    assert salfctl("explain", files["img0"], "--out", out, "-u", gateway.url, "--force").exit_code == 0
+
+
+def test_explain_same_file_names_from_two_folders_get_two_figures(gateway, tmp_path):
+    a, b = tmp_path / "a" / "x.png", tmp_path / "b" / "x.png"
+    for n, p in enumerate((a, b)):
+        p.parent.mkdir()
+        p.write_bytes(encode(sample_image(n)))
+    out = tmp_path / "out"
+    r = salfctl("explain", a, b, "--out", out, "-u", gateway.url, "--json")
+    assert r.exit_code == 0, r.output
+    rows = _jsonl(r.stdout)
+    assert [Path(row["figure"]).name for row in rows] == ["a__x.png", "b__x.png"]
+    assert all(Path(row["figure"]).is_file() for row in rows)
 
 
 def test_explain_tables_and_requested_class(gateway, files):
@@ -149,7 +175,7 @@ def test_without_url_runs_against_a_local_repository(exported_repo, files, tmp_p
     r = salfctl("explain", files["img0"], "--roi", files["mask"], "-m", exported_repo, "--out", tmp_path, "--json")
     assert r.exit_code == 0, r.output
     (row,) = _jsonl(r.stdout)
-    assert all(Path(f).is_file() for f in row["files"])
+    assert Path(row["figure"]).is_file()
     r = salfctl("info", "-m", tmp_path / "nothing-here")
     assert r.exit_code == 3 and "salf_model.json does not exist" in r.stderr
 
