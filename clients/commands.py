@@ -406,11 +406,19 @@ def intervene(images: Images, roi: Roi = None, box: Box = None, point: Points = 
 
 
 def rules(class_name: Optional[str] = typer.Option(None, "--class", help="Only this class."),
+          plot: Optional[Path] = typer.Option(None, "--plot", dir_okay=False,
+                                              help="Also draw the rules to this PNG: concepts -> classes, width by "
+                                                   "|weight|, green positive, red negative (paper Fig. 3)."),
+          max_classes: int = typer.Option(20, "--max-classes", help="Classes drawn by --plot."),
+          force: bool = typer.Option(False, "--force", help="Overwrite --plot's file."),
           url: Url = None, model_repository: Repo = DEFAULT_REPO, timeout: Timeout = DEFAULT_TIMEOUT,
           token: Token = None, ca_cert: CaCert = None, as_json: Json = False) -> None:
     """Global decision rules: each class's non-zero concept weights, largest |weight| first
     (JSON: one ClassRule per line, plus "class", its name)."""
     import grpc
+
+    if plot is not None and plot.exists() and not force:
+        raise CliError(f"{plot} already exists: pass --force to overwrite it", EXIT_USAGE)
 
     def table(console, row):
         console.print(_table(f"{row['class']} (bias {row['bias']:+.4f}, {len(row['terms'])} concepts)",
@@ -421,7 +429,16 @@ def rules(class_name: Optional[str] = typer.Option(None, "--class", help="Only t
             response = client.class_rules(class_name or "")
         except grpc.RpcError as exc:
             raise CliError(f"{exc.code().name}: {exc.details()}", EXIT_FAILED) from exc
-        return [{"class": rule.class_name, **message_dict(rule)} for rule in response.rules]
+        rows = [{"class": rule.class_name, **message_dict(rule)} for rule in response.rules]
+        if plot is not None:
+            from .figure import rules_figure
+
+            plot.parent.mkdir(parents=True, exist_ok=True)
+            shown = min(len(rows), max_classes)
+            rules_figure([(r["class"], [(t["concept_name"], t["weight"]) for t in r["terms"]]) for r in rows],
+                         f"decision rules: {shown} of {len(rows)} classes", max_classes).save(plot)
+            typer.echo(f"wrote {plot}", err=True)
+        return rows
 
     _run((url, model_repository, timeout, token, ca_cert), as_json, table, produce)
 

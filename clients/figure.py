@@ -128,3 +128,44 @@ def _colour_bar(draw, fig: Image.Image, y: int, x0: int, x1: int, scale: str, va
         draw.text((x0, y + BAR_H + 3), "min", fill="black", font=font)
         right = "max of each map (per-map scale)"
     draw.text((x1 - draw.textlength(right, font=font), y + BAR_H + 3), right, fill="black", font=font)
+
+
+def rules_figure(rules: list[tuple[str, list[tuple[str, float]]]], title: str = "decision rules",
+                 max_classes: int = 20) -> Image.Image:
+    """The sparse decision rules as a flow (paper Fig. 3): concepts on the left, classes on the right,
+    one line per non-zero weight, its width by |weight| (largest = 10 px), green for positive, red for
+    negative. ``rules``: ``[(class name, [(concept name, weight), ...]), ...]``; at most ``max_classes``."""
+    rules = rules[:max_classes]
+    concepts: list[str] = []
+    for _, terms in rules:
+        for name, _ in terms:
+            if name not in concepts:
+                concepts.append(name)
+    row_h, top = 22, 44
+    height = top + max(len(concepts), len(rules), 1) * row_h + PAD
+    width = 760
+    fig = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(fig)
+    draw.text((PAD, 8), title, fill="black", font=_font(16))
+    font = _font(12)
+    left_x, right_x = 230, width - 230
+
+    def y_of(k: int, n: int) -> int:
+        span = height - top - PAD
+        return int(top + (k + 0.5) * span / max(n, 1))
+
+    biggest = max((abs(w) for _, terms in rules for _, w in terms), default=1.0) or 1.0
+    for c, (class_name, terms) in enumerate(rules):
+        yc = y_of(c, len(rules))
+        for name, weight in sorted(terms, key=lambda t: abs(t[1])):
+            yk = y_of(concepts.index(name), len(concepts))
+            colour = (40, 150, 60) if weight > 0 else (200, 40, 40)
+            draw.line([(left_x + 6, yk), (right_x - 6, yc)], fill=colour, width=max(1, round(10 * abs(weight) / biggest)))
+    for k, name in enumerate(concepts):
+        y = y_of(k, len(concepts))
+        text = _fit(draw, name, left_x - 2 * PAD, 12)
+        draw.text((left_x - PAD - draw.textlength(text, font=font), y - 7), text, fill="black", font=font)
+    for c, (class_name, _) in enumerate(rules):
+        draw.text((right_x + PAD, y_of(c, len(rules)) - 7), _fit(draw, class_name, 230 - 2 * PAD, 12), fill="black",
+                  font=font)
+    return fig

@@ -38,3 +38,29 @@ def test_layout_is_display_sized_whatever_the_image_size_and_the_region_is_outli
 def test_unknown_scale_is_refused():
     with pytest.raises(ValueError, match="scale must be one of"):
         compose(np.zeros((8, 8, 3), np.uint8), [], "t", scale="log")
+
+
+def test_rules_figure_draws_signed_weighted_flows():
+    from clients.figure import rules_figure
+
+    fig = np.asarray(rules_figure([("cat", [("whiskers", 2.0), ("wheels", -0.5)]), ("car", [("wheels", 1.0)])]))
+    green = (fig[..., 1] > 120) & (fig[..., 0] < 80) & (fig[..., 2] < 100)
+    red = (fig[..., 0] > 160) & (fig[..., 1] < 80) & (fig[..., 2] < 80)
+    assert green.sum() > 4 * red.sum() > 0  # two positive flows, the widest of 10 px; one thin negative one
+
+
+def test_rules_plot_from_salfctl_and_no_silent_overwrite(tmp_path):
+    from typer.testing import CliRunner
+
+    from clients.salfctl import app
+    from export.repository import export_repository
+    from tests.fixtures.bundles import make_random_bundle
+
+    repo = tmp_path / "repo"
+    export_repository(make_random_bundle(tmp_path / "bundle"), repo, flavour="python", parity=False)
+    plot = tmp_path / "rules.png"
+    r = CliRunner().invoke(app, ["rules", "-m", str(repo), "--plot", str(plot)])
+    assert r.exit_code == 0, r.output
+    assert plot.is_file() and "wrote" in r.stderr
+    r = CliRunner().invoke(app, ["rules", "-m", str(repo), "--plot", str(plot)])
+    assert r.exit_code == 2 and "already exists" in r.stderr
