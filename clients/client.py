@@ -122,9 +122,10 @@ class SalfClient:
         return self._call(self.stub.Predict, self.pb.PredictRequest(image=image, top_k=top_k), timeout)
 
     def explain(self, image: bytes, class_name: str | None = None, class_index: int | None = None, top_k: int = 0,
-                heatmaps: str = "png", timeout: float | None = None):
-        """``heatmaps``: "png", "float16", "both" or "none"."""
-        req = self.pb.ExplainRequest(image=image, top_k=top_k,
+                heatmaps: str = "png", timeout: float | None = None, concepts: Sequence[str] = ()):
+        """``heatmaps``: "png", "float16", "both" or "none". ``concepts``: also return these concepts' maps
+        (``response.requested``)."""
+        req = self.pb.ExplainRequest(image=image, top_k=top_k, concepts=list(concepts),
                                      heatmaps=self.pb.HeatmapFormat.Value(f"HEATMAP_FORMAT_{heatmaps.upper()}"))
         if class_name:
             req.class_name = class_name

@@ -70,22 +70,25 @@ def message_dict(message, drop: tuple[str, ...] = ("heatmap",)) -> dict:
     return prune(doc)
 
 
-def _rows(client, inputs: list, what: str, request: Callable) -> list[dict]:
-    """``request(client, item) -> dict`` for each input; a failed RPC becomes an error row."""
+def _error_row(item, exc) -> dict:
+    return {"image": str(item), "error": {"code": exc.code().name, "message": exc.details()}}
+
+
+def _rows(client, inputs: list, what: str, request: Callable):
+    """``request(client, item) -> dict`` for each input, yielded as each finishes; a failed RPC becomes an
+    error row."""
     import grpc
     from tqdm import tqdm
 
-    rows = []
     for item in tqdm(inputs, desc=what, unit="image", file=sys.stderr, disable=len(inputs) < 2, leave=False):
         try:
-            rows.append({"image": str(item), **request(client, item)})
+            yield {"image": str(item), **request(client, item)}
         except grpc.RpcError as exc:
-            rows.append({"image": str(item), "error": {"code": exc.code().name, "message": exc.details()}})
-    return rows
+            yield _error_row(item, exc)
 
 
-def _emit(rows: list[dict], as_json: bool, table: Callable) -> None:
-    """Print results (JSON Lines or tables) and errors; exit 1 if any row is an error."""
+def _emit(rows, as_json: bool, table: Callable) -> int:
+    """Print results as they come (JSON Lines or tables) and errors; returns the number of errors."""
     from rich.console import Console
 
     console = Console()
@@ -98,14 +101,15 @@ def _emit(rows: list[dict], as_json: bool, table: Callable) -> None:
             print(json.dumps(row), flush=True)
         elif "error" not in row:
             table(console, row)
-    raise typer.Exit(EXIT_FAILED if failed else 0)
+    return failed
 
 
 def _run(conn: tuple, as_json: bool, table: Callable, produce: Callable) -> None:
-    """Connect with ``conn = (url, repo, timeout, token, ca_cert)``, ``produce(client) -> rows``, print them."""
+    """Connect with ``conn = (url, repo, timeout, token, ca_cert)``; print the rows of ``produce(client)``
+    as they come (a long video streams its records); exit 1 if any row is an error."""
     with _connect(*conn) as client:
-        rows = produce(client)
-    _emit(rows, as_json, table)
+        failed = _emit(produce(client), as_json, table)
+    raise typer.Exit(EXIT_FAILED if failed else 0)
 
 
 def _table(title: str, columns: tuple[str, ...], rows: list[tuple], left: tuple[str, ...] = ("class", "concept")):
@@ -203,6 +207,11 @@ def explain(images: Images, roi: Roi = None, box: Box = None, point: Points = No
             save_npz: bool = typer.Option(False, "--save-npz", help="With --out: also <name>.npz with the grid maps "
                                                                     "and contributions as arrays."),
             force: bool = typer.Option(False, "--force", help="Overwrite files already in --out."),
+            concept: Optional[List[str]] = typer.Option(None, "--concept", help="Also return this concept's map "
+                                                        "(repeatable); for a video, write <name>.<concept>.mp4 "
+                                                        "with its heatmap tracked over the frames."),
+            every: int = typer.Option(1, "--every", help="Video: explain every N-th frame."),
+            max_frames: Optional[int] = typer.Option(None, "--max-frames", help="Video: at most this many frames."),
             url: Url = None, model_repository: Repo = DEFAULT_REPO, timeout: Timeout = DEFAULT_TIMEOUT,
             token: Token = None, ca_cert: CaCert = None, as_json: Json = False) -> None:
     """Top-k concepts by contribution S = W(class, m) * c*(m) with their concept maps; a region adds Explain
@@ -212,17 +221,32 @@ def explain(images: Images, roi: Roi = None, box: Box = None, point: Points = No
     maps to pixels), with a region "region" (ExplainRegionResponse plus "area"), with --out "figure" (and
     "npz"). Output names are the images' file names, or their paths relative to their common folder when
     two names collide; nothing is overwritten without --force.
+
+    Videos (.mp4, .mov, .avi, .mkv, .webm, ...; PyAV) are explained frame by frame: one JSON record per
+    frame ("frame", "time_s", the prediction, the top concepts and the --concept ones with their grid
+    maps), frames sent to the gateway a few at a time; with --out and --concept, an annotated video per
+    concept (its heatmap on one colour scale over the whole video).
     """
     from .figure import SCALES
+    from .video import is_video
 
     _check_region_options(box, point)
     if scale not in SCALES:
         raise typer.BadParameter(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
     if save_npz and out is None:
         raise typer.BadParameter("--save-npz needs --out DIR")
+    if every < 1 or (max_frames is not None and max_frames < 1):
+        raise typer.BadParameter("--every and --max-frames must be >= 1")
+    tracked = list(concept or [])
+    videos = [p for p in images if is_video(p)]
+    if videos and tracked and out is None:
+        raise typer.BadParameter("--concept on a video writes an annotated video: give --out DIR")
     names = output_names(images)
     if out is not None:
-        claim_outputs(out, names, (".png", ".npz") if save_npz else (".png",), force)
+        stills = {p: n for p, n in names.items() if p not in videos}
+        claim_outputs(out, stills, (".png", ".npz") if save_npz else (".png",), force)
+        claim_outputs(out, {p: n for p, n in names.items() if p in videos},
+                      tuple(f".{_slug(c)}.mp4" for c in tracked), force)
 
     def table(console, row):
         t = row["target"]
@@ -241,8 +265,12 @@ def explain(images: Images, roi: Roi = None, box: Box = None, point: Points = No
 
     def produce(client):
         region = _region(client, roi, box, point, radius, required=False)
-        return _rows(client, images, "explain", lambda c, image: _explain_one(
-            c, image, region, class_name, top_k, out, names[image], scale, save_npz))
+        stills = [p for p in images if p not in videos]
+        yield from _rows(client, stills, "explain", lambda c, image: _explain_one(
+            c, image, region, class_name, top_k, out, names[image], scale, save_npz, tracked))
+        for video in videos:
+            yield from _explain_video(client, video, class_name, top_k, tracked, out, names[video], every,
+                                      max_frames)
 
     _run((url, model_repository, timeout, token, ca_cert), as_json, table, produce)
 
@@ -291,8 +319,80 @@ GEOMETRY_RULE = ("bilinear, align_corners=False: grid cell (i, j) is centred at 
                  "((i + 0.5) * image_height / grid_height, (j + 0.5) * image_width / grid_width)")
 
 
+def _slug(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "concept"
+
+
+def _explain_video(client, video: Path, class_name, top_k, tracked: list[str], out: Optional[Path], name: str,
+                   every: int, max_frames: Optional[int]):
+    """One row per explained frame (frames in flight a few at a time), then the annotated videos."""
+    import io
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+
+    from . import figure, video as vid
+
+    def explain_frame(rgb):
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="PNG")
+        return client.explain(buf.getvalue(), class_name=class_name, top_k=top_k, heatmaps="none", concepts=tracked)
+
+    try:
+        frames = vid.read_frames(video, every, max_frames)
+        fps = vid.frame_rate(video) / every
+    except (OSError, ValueError) as exc:  # PyAV's errors are OSError subclasses
+        raise CliError(f"cannot read the video {video}: {exc}", EXIT_FAILED) from exc
+    small: list[np.ndarray] = []
+    maps: dict[str, list[np.ndarray]] = {c: [] for c in tracked}
+    window: deque = deque()
+    bar = tqdm(desc=f"explain {video.name}", unit="frame", file=sys.stderr, leave=False)
+
+    def finished(item):
+        index, t, rgb, future = item
+        key = f"{video}#{index}"
+        try:
+            r = future.result()
+        except grpc.RpcError as exc:
+            return _error_row(key, exc)
+        bar.update(1)
+        row = {"image": key, "video": str(video), "frame": index, "time_s": round(t, 4), **message_dict(r)}
+        grid = (r.grid_height, r.grid_width)
+        row["geometry"] = {"grid": list(grid), "image_size": [r.image_height, r.image_width],
+                           "upsampling": GEOMETRY_RULE}
+        if out is not None and tracked:
+            dh, dw = figure.display_size(rgb.shape[:2])
+            small.append(np.asarray(Image.fromarray(rgb).resize((dw, dh), Image.BILINEAR)))
+            for c in r.requested:
+                maps[c.name].append(np.asarray(c.grid_map, np.float32).reshape(grid))
+        return row
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for index, t, rgb in frames:
+            window.append((index, t, rgb, pool.submit(explain_frame, rgb)))
+            if len(window) >= 8:
+                yield finished(window.popleft())
+        while window:
+            yield finished(window.popleft())
+    bar.close()
+    if out is not None and tracked and small:
+        for c in tracked:
+            lo_hi = figure.value_range(maps[c]) if maps[c] else (0.0, 1.0)
+            annotated = [figure.overlay_frame(f, m, lo_hi, f"{c}   frame {k * every}") for k, (f, m)
+                         in enumerate(zip(small, maps[c]))]
+            if annotated:
+                path = vid.write_video(out / f"{name}.{_slug(c)}.mp4", annotated, fps)
+                typer.echo(f"wrote {path}", err=True)
+
+
 def _explain_one(client, image: Path, region, class_name, top_k, out: Optional[Path], name: str,
-                 scale: str = "common", save_npz: bool = False) -> dict:
+                 scale: str = "common", save_npz: bool = False, tracked: list[str] = ()) -> dict:
     import numpy as np
 
     from salf.contract.images import load_rgb
@@ -300,7 +400,7 @@ def _explain_one(client, image: Path, region, class_name, top_k, out: Optional[P
     from . import figure
 
     data = image.read_bytes()
-    r = client.explain(data, class_name=class_name, top_k=top_k, heatmaps="none")
+    r = client.explain(data, class_name=class_name, top_k=top_k, heatmaps="none", concepts=tracked)
     row = message_dict(r)
     grid = (r.grid_height, r.grid_width)
     row["geometry"] = {"grid": list(grid), "image_size": [r.image_height, r.image_width], "upsampling": GEOMETRY_RULE}

@@ -169,3 +169,18 @@ def rules_figure(rules: list[tuple[str, list[tuple[str, float]]]], title: str = 
         draw.text((right_x + PAD, y_of(c, len(rules)) - 7), _fit(draw, class_name, 230 - 2 * PAD, 12), fill="black",
                   font=font)
     return fig
+
+
+def overlay_frame(rgb: np.ndarray, grid_map: np.ndarray, value_range: tuple[float, float], label: str,
+                  alpha: float = 0.6) -> np.ndarray:
+    """One annotated video frame: ``rgb`` at display size with the concept's heatmap (``grid_map``
+    upsampled, on the video's common ``value_range``) over its grey version, and ``label`` at the top."""
+    h, w = rgb.shape[:2]
+    grey = np.repeat(np.asarray(Image.fromarray(rgb).convert("L"))[..., None], 3, axis=2).astype(np.float64)
+    lo, hi = value_range
+    norm = np.clip((upsample(np.asarray(grid_map, np.float32), (h, w)) - lo) / (hi - lo), 0.0, 1.0)
+    img = Image.fromarray(np.round((1 - alpha) * grey + alpha * jet(norm)).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, 0, w, 18], fill=(0, 0, 0))
+    draw.text((4, 3), label, fill="white", font=_font(12))
+    return np.asarray(img)

@@ -98,13 +98,14 @@ class GatewayServicer:
                                  class_name=request.class_name if which == "class_name" else None,
                                  class_index=request.class_index if which == "class_index" else None,
                                  top_k=request.top_k, heatmaps=fmt != pb.HEATMAP_FORMAT_NONE,
-                                 timeout_s=budget)
+                                 timeout_s=budget, concepts=list(request.concepts))
         response = pb.ExplainResponse(explanation_id=r.explanation_id, target=class_score_pb(pb, r.target),
                                       predictions=[class_score_pb(pb, c) for c in r.predictions],
                                       concepts=[contribution_pb(pb, c, fmt) for c in r.concepts],
                                       image_height=r.size[0], image_width=r.size[1], model_version=g.spec.version,
                                       grid_height=g.spec.grid[0], grid_width=g.spec.grid[1],
-                                      concepts_available=r.available)
+                                      concepts_available=r.available,
+                                      requested=[contribution_pb(pb, c, fmt) for c in r.requested])
         # Heatmaps grow with the image; say why instead of failing in the transport (RESOURCE_EXHAUSTED).
         size = response.ByteSize()
         if size > self.max_message_bytes:

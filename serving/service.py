@@ -108,6 +108,7 @@ class ExplainResult:
     concepts: list[Contribution]
     size: tuple[int, int]
     available: int = 0  # concepts with a non-zero weight for the target (top_k is capped by it)
+    requested: list[Contribution] = field(default_factory=list)  # concepts asked for by name
 
 
 @dataclass
@@ -255,11 +256,15 @@ class Gateway:
         return self._class_scores(entry.logits, k=k), entry.size
 
     def explain(self, image: bytes, class_name: str | None = None, class_index: int | None = None,
-                top_k: int = 0, heatmaps: bool = True, timeout_s: float | Budget | None = None) -> ExplainResult:
+                top_k: int = 0, heatmaps: bool = True, timeout_s: float | Budget | None = None,
+                concepts: list[str] | tuple[str, ...] = ()) -> ExplainResult:
         """Contribution scores for the predicted class (or the requested one) and heatmaps of the
         top-k contributing concepts (paper 3.5)."""
         budget = as_budget(timeout_s)
         k = resolve_top_k(top_k, self.spec.num_concepts, "concepts")
+        if len(concepts) > self.spec.num_concepts:
+            raise InvalidArgument(f"{len(concepts)} concepts requested; the model has {self.spec.num_concepts}")
+        extra = [_resolve_index(name, None, self.spec.concepts, "concept") for name in concepts]
         wants_class = (class_name is not None and class_name != "") or class_index is not None
         requested = _resolve_index(class_name, class_index, self.spec.classes, "class") if wants_class else None
         entry = self._run_image(image, budget)
@@ -267,14 +272,16 @@ class Gateway:
         target = int(np.argmax(entry.logits)) if requested is None else requested
         chosen = explain.top_contributors(self.spec.weight, entry.scores, target, k)
         budget.check("heatmaps")
-        ups = explain.upsample(entry.maps[chosen], entry.size) if heatmaps and chosen else None
+        shown = chosen + extra
+        ups = explain.upsample(entry.maps[shown], entry.size) if heatmaps and shown else None
         s = explain.contributions(self.spec.weight, entry.scores, target)
-        concepts = [Contribution(m, self.spec.concepts[m], float(s[m]), float(self.spec.weight[target, m]),
-                                 float(entry.scores[m]), None if ups is None else ups[j], entry.maps[m])
-                    for j, m in enumerate(chosen)]
+        contributions = [Contribution(m, self.spec.concepts[m], float(s[m]), float(self.spec.weight[target, m]),
+                                      float(entry.scores[m]), None if ups is None else ups[j], entry.maps[m])
+                         for j, m in enumerate(shown)]
+        concepts, requested = contributions[:len(chosen)], contributions[len(chosen):]
         predictions = self._class_scores(entry.logits, k=min(DEFAULT_TOP_K, self.spec.num_classes))
         return ExplainResult(explanation_id, self._class_scores(entry.logits, order=[target])[0], predictions,
-                             concepts, entry.size, int(np.count_nonzero(self.spec.weight[target])))
+                             concepts, entry.size, int(np.count_nonzero(self.spec.weight[target])), requested)
 
     def explain_region(self, region: Region, explanation_id: str = "", image: bytes = b"", top_k: int = 0,
                        timeout_s: float | Budget | None = None) -> RegionResult:

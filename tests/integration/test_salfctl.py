@@ -248,3 +248,34 @@ def test_explain_region_command_with_points(gateway, files, client):
                                [a.activation for a in direct.concepts], rtol=1e-5)
     r = salfctl("explain-region", files["img0"], "--box", "1,2,3", "-u", gateway.url)
     assert r.exit_code == 2 and "--box must be x0,y0,x1,y1" in r.output
+
+
+def test_explain_a_video_frame_by_frame_with_a_tracked_concept(embedded_gateway, tmp_path):
+    """A 12-frame clip made here: one JSON record per explained frame with its grid maps, and an annotated
+    video of the tracked concept with one frame per explained frame."""
+    from fractions import Fraction
+
+    import av
+
+    from clients.video import write_video
+
+    clip = tmp_path / "clip.mp4"
+    write_video(clip, [np.asarray(Image.fromarray(sample_image(k)).resize((112, 84))) for k in range(12)],
+                Fraction(12))
+    out = tmp_path / "out"
+    r = salfctl("explain", clip, "--every", "2", "--concept", "concept 1", "--out", out, "--json",
+                "-u", embedded_gateway.url)
+    assert r.exit_code == 0, r.output
+    rows = _jsonl(r.stdout)
+    assert [row["frame"] for row in rows] == [0, 2, 4, 6, 8, 10]
+    assert rows[1]["time_s"] == pytest.approx(2 / 12, abs=1e-3)
+    assert all(row["requested"][0]["name"] == "concept 1" and len(row["requested"][0]["grid_map"]) == 49
+               for row in rows)
+    annotated = out / "clip.concept_1.mp4"
+    with av.open(str(annotated)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 6 and frames[0].shape[1] == 256
+    again = salfctl("explain", clip, "--concept", "concept 1", "--out", out, "-u", embedded_gateway.url)
+    assert again.exit_code == 2 and "already exist" in again.stderr
+    r = salfctl("explain", clip, "--max-frames", "3", "-u", embedded_gateway.url, "--json")
+    assert [row["frame"] for row in _jsonl(r.stdout)] == [0, 1, 2]
