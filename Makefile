@@ -84,8 +84,10 @@ demo: venv proto
 	{ $(SALFCTL) serve --model-repository $(DEMO_REPO) --host 127.0.0.1 --port $(DEMO_PORT) --metrics-port -1 \
 	    --log-level WARNING & pid=$$!; trap "kill $$pid 2>/dev/null" EXIT; \
 	  for i in $$(seq 120); do $(SALFCTL) info -u 127.0.0.1:$(DEMO_PORT) --timeout 2 >/dev/null 2>&1 && break; sleep 0.5; done; \
-	  $(SALFCTL) explain $$img --roi $(DEMO)/roi.png --top-k 3 --out $(DEMO)/explain -u 127.0.0.1:$(DEMO_PORT); }
-	@echo "overlays written to $(DEMO)/explain/"
+	  $(SALFCTL) explain $$img --roi $(DEMO)/roi.png --top-k 3 --out $(DEMO)/explain --force -u 127.0.0.1:$(DEMO_PORT) && \
+	  $(SALFCTL) rules --plot $(DEMO)/rules.png --force -u 127.0.0.1:$(DEMO_PORT) > /dev/null; }
+	@echo "figures: $(DEMO)/explain/ (the explained image) and $(DEMO)/rules.png (the decision rules);" \
+	  "figures of the run: $(DEMO)/report.json"
 
 # ---------------------------------------------------------------- tests
 test: venv proto triton-env

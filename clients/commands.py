@@ -485,6 +485,8 @@ def intervene(images: Images, roi: Roi = None, box: Box = None, point: Points = 
                              ("class", "logit before", "logit after", "delta"),
                              [(name, f"{lb:+.4f}", f"{la:+.4f}", f"{d:+.4f}") for (name, d), lb, la in
                               zip(row["logit_deltas"].items(), row["logits_before"], row["logits_after"])]))
+        if row.get("note"):
+            console.print(row["note"])
         console.print(_table("edited region: concepts by activation", ("rank", "concept", "activation"),
                              [(str(n), c["name"], f"{c['activation']:+.3f}")
                               for n, c in enumerate(row["region_concepts"], 1)]))
@@ -498,8 +500,10 @@ def intervene(images: Images, roi: Roi = None, box: Box = None, point: Points = 
 
         def one(c, image):
             doc = message_dict(c.intervene([edit], image=image.read_bytes(), top_k=top_k))
-            return {**doc, "concept": name, "beta": beta,
-                    "logit_deltas": dict(zip(c.info.classes, doc["logit_deltas"]))}
+            row = {**doc, "concept": name, "beta": beta, "logit_deltas": dict(zip(c.info.classes, doc["logit_deltas"]))}
+            if top_k > len(c.info.classes):
+                row["note"] = f"the model has {len(c.info.classes)} classes: before/after list all of them"
+            return row
         return _rows(client, images, "intervene", one)
 
     _run((url, model_repository, timeout, token, ca_cert), as_json, table, produce)
