@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Callable, List, Optional
 
@@ -23,7 +24,7 @@ import typer
 from .cli import (DEFAULT_REPO, DEFAULT_TIMEOUT, EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, CaCert, CliError, Json,
                   Repo, Timeout, Token, TopK, Url, command)
 
-COMMANDS = ("predict", "explain", "explain-region", "intervene", "rules", "info")
+COMMANDS = ("predict", "explain", "explain-region", "intervene", "rules", "info", "monitor")
 
 Images = Annotated[List[Path], typer.Argument(exists=True, dir_okay=False, help="Image files.")]
 Roi = Annotated[Optional[Path], typer.Option("--roi", exists=True, dir_okay=False,
@@ -567,7 +568,56 @@ def info(url: Url = None, model_repository: Repo = DEFAULT_REPO, timeout: Timeou
     _run((url, model_repository, timeout, token, ca_cert), as_json, table, produce)
 
 
+def monitor(gateway: Optional[str] = typer.Option("http://127.0.0.1:9464/metrics", "--gateway",
+                                              help="The gateway's metrics URL ('' to leave it out)."),
+            triton: Optional[str] = typer.Option(None, "--triton",
+                                                 help="Triton's metrics URL, e.g. http://127.0.0.1:8002/metrics."),
+            interval: float = typer.Option(2.0, "--interval", help="Seconds between refreshes (and between the two "
+                                                                   "scrapes of --once)."),
+            once: bool = typer.Option(False, "--once", help="One snapshot (two scrapes --interval apart), then exit."),
+            as_json: Json = False) -> None:
+    """Live view of the gateway's and Triton's metrics: requests/s, p50/p99 per RPC, errors by code, cache
+    hit rate, and per Triton model requests/s, average executed batch size, queue and compute time."""
+    import json as _json
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from . import monitor as mon
+
+    if interval <= 0:
+        raise typer.BadParameter("--interval must be > 0")
+    urls = {"gateway": gateway or None, "triton": triton or None}
+    if not any(urls.values()):
+        raise typer.BadParameter("give --gateway and/or --triton")
+
+    def scrape() -> dict:
+        return {k: mon.fetch(u) for k, u in urls.items() if u}
+
+    def snap(prev, cur) -> dict:
+        return mon.snapshot(*((prev.get(k), cur[k]) if k in cur else None for k in ("gateway", "triton")))
+
+    prev = scrape()
+    if once:
+        time.sleep(interval)
+        doc = snap(prev, scrape())
+        if as_json:
+            print(_json.dumps(doc), flush=True)
+        else:
+            Console().print(mon.render(doc))
+        raise typer.Exit(0 if all(section["up"] for section in doc.values()) else EXIT_UNREACHABLE)
+    with Live(mon.render({}), refresh_per_second=4, console=Console()) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                cur = scrape()
+                live.update(mon.render(snap(prev, cur)))
+                prev = cur
+        except KeyboardInterrupt:
+            pass
+
+
 def register(app: typer.Typer) -> None:
     """Add this part's commands to the top-level `salfctl` app."""
-    for name, fn in zip(COMMANDS, (predict, explain, explain_region, intervene, rules, info)):
+    for name, fn in zip(COMMANDS, (predict, explain, explain_region, intervene, rules, info, monitor)):
         command(app, name)(fn)
