@@ -105,9 +105,16 @@ def gateway_section(cur: Scrape, prev: Scrape | None, dt: float) -> dict:
     hits = _delta(cur, prev, "salf_gateway_cache_hits_total")
     misses = _delta(cur, prev, "salf_gateway_cache_misses_total")
     info = next((labels for labels, _ in cur.series("salf_gateway_model_info")), {})
+    mean_z = {labels["concept"]: v for labels, v in cur.series("salf_gateway_drift_mean_z")}
+    drift = sorted(({"concept": labels["concept"], "psi": v, "mean_z": mean_z.get(labels["concept"])}
+                    for labels, v in cur.series("salf_gateway_drift_psi")), key=lambda d: -d["psi"])
+    shifted = _delta(cur, prev, "salf_gateway_concept_shifted_requests_total")
+    observed = _delta(cur, prev, "salf_gateway_concept_abs_z_count")
     return {"url": cur.url, "up": True, "model": info, "rpcs": rpcs,
             "errors": {code: n for code, n in sorted(errors.items()) if n > 0},
-            "cache_hit_rate": hits / (hits + misses) if hits + misses > 0 else None}
+            "cache_hit_rate": hits / (hits + misses) if hits + misses > 0 else None,
+            "drift": {"window": cur.get("salf_gateway_drift_window_requests"), "top": drift,
+                      "shifted_share": shifted / observed if observed > 0 else None}}
 
 
 def triton_section(cur: Scrape, prev: Scrape | None, dt: float) -> dict:
@@ -167,6 +174,15 @@ def render(doc: dict):
             parts.append(t)
             errors = ", ".join(f"{code} {n:.0f}" for code, n in g["errors"].items()) or "none"
             parts.append(Text(f"errors in the interval: {errors}"))
+            d = g.get("drift") or {}
+            if d.get("top"):
+                moved = ", ".join(f"{t['concept']!r} PSI {t['psi']:.2f} ({_fmt(t['mean_z'], '+.1f')} sigma)"
+                                  for t in d["top"])
+                share = d.get("shifted_share")
+                parts.append(Text(f"concept drift over the last {d['window']:.0f} requests: {moved}"
+                                  + (f"; {share * 100:.0f}% of requests in the interval had mean |z| > 2"
+                                     if share is not None else ""),
+                                  style="bold yellow" if d["top"][0]["psi"] > 0.25 else ""))
     tr = doc.get("triton")
     if tr is not None:
         if not tr["up"]:

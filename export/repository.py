@@ -78,11 +78,23 @@ def graph_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 
 # --------------------------------------------------------------------------- metadata
-def head_arrays(model) -> HeadArrays:
-    """The head of a :class:`~training.model.SalfCBM` as the contract's float32 numpy arrays."""
+def head_arrays(model, concept_hist=None) -> HeadArrays:
+    """The head of a :class:`~training.model.SalfCBM` as the contract's float32 numpy arrays (with the
+    training drift histograms when the bundle has them)."""
     head = model.head
     return HeadArrays(*(t.detach().cpu().numpy() for t in (head.linear.weight, head.linear.bias,
-                                                            head.concept_mean, head.concept_std)))
+                                                            head.concept_mean, head.concept_std)),
+                      concept_hist=concept_hist)
+
+
+def bundle_concept_hist(bundle_dir):
+    """The bundle's ``drift.concept_hist`` ``[M, BINS]`` (numpy), or None for a bundle without it."""
+    from safetensors import safe_open
+
+    from training.bundle import WEIGHTS_FILE
+
+    with safe_open(str(Path(bundle_dir) / WEIGHTS_FILE), framework="numpy") as fh:
+        return fh.get_tensor(contract.CONCEPT_HIST) if contract.CONCEPT_HIST in fh.keys() else None
 
 
 def _metadata(meta: BundleMeta, bundle_doc: dict, version: int, flavour: str, models: dict, head_sha: str,
@@ -207,11 +219,11 @@ def _model_entry(out: Path, name: str, version: int, path: Path, exporter: str) 
 
 
 def _write_side_files(staging: Path, version: int, model, meta: BundleMeta, bundle_doc: dict, flavour: str,
-                      models: dict, parity: dict | None, options: TritonOptions) -> None:
+                      models: dict, parity: dict | None, options: TritonOptions, concept_hist=None) -> None:
     """The version's ``head.safetensors`` and ``salf_model.json`` in ``salf_cbm/<v>/``, and the top-level
     copies with ``concepts.json`` and ``classes.json``."""
     own = version_dir(staging, version)
-    contract.write_head(own / HEAD_FILE, head_arrays(model))
+    contract.write_head(own / HEAD_FILE, head_arrays(model, concept_hist))
     doc = _metadata(meta, bundle_doc, version, flavour, models, sha256_file(own / HEAD_FILE), parity, options)
     contract.write_metadata(own, doc)
     shutil.copyfile(own / HEAD_FILE, staging / HEAD_FILE)
@@ -259,7 +271,8 @@ def export_repository(bundle_dir: str | Path, out_dir: str | Path, flavour: str 
                                    real_images=real_images, tolerance=tolerance)
         write_flavour(staging, flavour, opts)
         models = {name: _model_entry(out, name, version, paths[name], exporters[name]) for name in MODELS}
-        _write_side_files(staging, version, model, meta, bundle_doc, flavour, models, figures, opts)
+        _write_side_files(staging, version, model, meta, bundle_doc, flavour, models, figures, opts,
+                          bundle_concept_hist(bundle_dir))
         _install(staging, out, version, models)
         _sync_scripts(out, flavour)
     finally:

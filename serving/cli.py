@@ -45,6 +45,9 @@ def serve(
     max_pixels: int = typer.Option(40_000_000, "--max-pixels", help="Largest image or mask accepted, in pixels."),
     grace: float = typer.Option(25.0, "--grace", help="Seconds calls in flight get to finish on SIGTERM "
                                                       "(below Kubernetes' default 30 s termination grace)."),
+    drift_window: int = typer.Option(256, "--drift-window", help="Requests in the concept-drift window "
+                                                                  "(0 turns drift tracking off)."),
+    drift_top: int = typer.Option(5, "--drift-top", help="Most drifting concepts exported to Prometheus."),
     device: str = typer.Option("cpu", "--device", help="Embedded backend: cpu or cuda (falls back to cpu)."),
     log_level: Optional[str] = typer.Option(None, "--log-level",
                                             help="DEBUG, INFO (default), WARNING or ERROR; overrides -v/-q."),
@@ -67,7 +70,7 @@ def serve(
                              cache_ttl_s=cache_ttl, max_in_flight=max_in_flight, stream_idle_s=stream_idle,
                              max_streams_per_connection=max_streams, max_connection_idle_s=max_connection_idle,
                              max_connection_age_s=max_connection_age, limits=Limits(max_pixels=max_pixels),
-                             device=device)
+                             drift_window=drift_window, drift_top=drift_top, device=device)
         server = GatewayServer(config).start()
     except (OSError, ValueError) as exc:  # RepositoryError is a ValueError; a taken port an OSError
         fail(f"cannot start the gateway: {exc}", EXIT_USAGE)

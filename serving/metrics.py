@@ -31,6 +31,17 @@ class GatewayMetrics:
         self.cache_hits = Counter("salf_gateway_cache_hits", "concept-map cache hits", registry=r)
         self.cache_misses = Counter("salf_gateway_cache_misses", "concept-map cache misses", registry=r)
         self.model_info = Info("salf_gateway_model", "the served SALF-CBM model", registry=r)
+        # Concept drift (serving/drift.py): bounded label sets, never one series per concept or class.
+        self.concept_abs_z = Histogram("salf_gateway_concept_abs_z", "per request: mean |z| of its standardised "
+                                       "concept scores", buckets=(0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0),
+                                       registry=r)
+        self.concept_shifted = Counter("salf_gateway_concept_shifted_requests", "requests whose mean |z| is above "
+                                       "the drift threshold", registry=r)
+        self.drift_window = Gauge("salf_gateway_drift_window_requests", "requests in the drift window", registry=r)
+        self.drift_psi = Gauge("salf_gateway_drift_psi", "PSI of the top drifting concepts (window vs training)",
+                               ["rank", "concept"], registry=r)
+        self.drift_mean_z = Gauge("salf_gateway_drift_mean_z", "window mean z of the top drifting concepts",
+                                  ["rank", "concept"], registry=r)
         self._http = None
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:

@@ -242,7 +242,10 @@ class ServeConfig:
     device: str = "cpu"
     max_message_mb: int = 64
     readiness_interval_s: float = 5.0
-    poll_interval_s: float = 5.0  # how often the repository is checked for a new model version (0: never)
+    poll_interval_s: float = 5.0
+    drift_window: int = 256  # requests in the concept-drift window (0: no drift tracking)
+    drift_top: int = 5  # drifting concepts exported
+    drift_interval_s: float = 2.0  # how often the repository is checked for a new model version (0: never)
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -302,7 +305,10 @@ class GatewayServer:
             "version": str(spec.version), "concepts": str(spec.num_concepts), "classes": str(spec.num_classes),
             "grid": f"{spec.grid[0]}x{spec.grid[1]}", "input_size": f"{spec.input_size[0]}x{spec.input_size[1]}",
             "pooling": spec.pooling, "bundle_sha256": spec.bundle_sha256})
-        return Gateway(spec, backend, cache, c.limits)
+        from .drift import DriftTracker
+
+        tracker = DriftTracker(spec.concepts, spec.concept_hist, c.drift_window, c.drift_top) if c.drift_window else None
+        return Gateway(spec, backend, cache, c.limits, tracker, self.metrics)
 
     def _make_backend(self, spec) -> Backend:
         observe = lambda backend, model, seconds: self.metrics.backend_latency.labels(backend, model).observe(seconds)
@@ -366,6 +372,9 @@ class GatewayServer:
         await self._update_readiness()
         loop = asyncio.get_running_loop()
         self._watchers = [loop.create_task(self._every(c.readiness_interval_s, self._update_readiness))]
+        if c.drift_window:
+            self._watchers.append(loop.create_task(self._every(c.drift_interval_s, lambda: loop.run_in_executor(
+                self._probe, lambda: self.gateway.drift.publish(self.metrics)))))
         if c.poll_interval_s > 0:  # the repository's latest version (a new export is served without a restart)
             self._watchers.append(loop.create_task(self._every(
                 c.poll_interval_s, lambda: loop.run_in_executor(self._probe, self.switch_version))))

@@ -162,11 +162,14 @@ class Gateway:
     """The served model: ``spec`` (metadata and head weights), an inference ``backend`` and the
     concept-map ``cache`` behind explanation ids."""
 
-    def __init__(self, spec: ModelSpec, backend: Backend, cache: TTLCache, limits: Limits | None = None) -> None:
+    def __init__(self, spec: ModelSpec, backend: Backend, cache: TTLCache, limits: Limits | None = None,
+                 drift=None, metrics=None) -> None:
         self.spec = spec
         self.backend = backend
         self.cache = cache
         self.limits = limits or Limits()
+        self.drift = drift  # serving.drift.DriftTracker or None
+        self.metrics = metrics
 
     # ---------------------------------------------------------- shared steps
 
@@ -174,6 +177,8 @@ class Gateway:
         budget.check("decoding the image")
         decoded = decode_image(image, self.spec.input_size, self.limits.max_pixels)
         maps, scores, logits = self.backend.infer(decoded.model_input[None], budget.left("inference"))
+        if self.drift is not None:
+            self.drift.observe(scores[0], self.metrics)
         return CachedMaps(maps[0], scores[0], logits[0], decoded.size)
 
     def _remember(self, entry: CachedMaps) -> str:

@@ -96,14 +96,17 @@ def build_model(meta: BundleMeta) -> SalfCBM:
                    tuple(meta.grid), meta.pooling)
 
 
-def save_bundle(out_dir: str | Path, model: SalfCBM, meta: BundleMeta) -> Path:
-    """Write the bundle atomically-per-file; returns ``out_dir``."""
+def save_bundle(out_dir: str | Path, model: SalfCBM, meta: BundleMeta,
+                extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the bundle atomically-per-file; returns ``out_dir``. ``extra``: optional tensors stored beside
+    the model's (e.g. ``drift.concept_hist``, the training concept-score histograms)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     m, l = len(meta.concepts), len(meta.classes)
     if tuple(model.head.linear.weight.shape) != (l, m):
         raise BundleError(f"head weight is {tuple(model.head.linear.weight.shape)}, metadata says ({l}, {m})")
-    record = save_tensors(out / WEIGHTS_FILE, model_state(model), metadata={"format_version": str(FORMAT_VERSION)})
+    record = save_tensors(out / WEIGHTS_FILE, {**model_state(model), **(extra or {})},
+                          metadata={"format_version": str(FORMAT_VERSION)})
     atomic_write_json(out / META_FILE, meta.to_json(record["sha256"]))
     return out
 

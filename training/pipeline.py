@@ -297,7 +297,7 @@ def stage_head(ctx: Context, train_cache=None) -> TrainReport:
                       batch_size=ctx.cfg.cbl.feature_batch_size, num_workers=ctx.cfg.num_workers,
                       device=ctx.device, progress=ctx.progress)
     metrics = _metrics(ev, head, dense, info)
-    _save_bundle(ctx, model, cache, info, head, test.classes, metrics)
+    _save_bundle(ctx, model, cache, info, head, test.classes, metrics, _concept_hist(data))
     report = _report(ctx, ev, head, info, test, metrics)
     report.write(ctx.run.report)
     return report
@@ -370,7 +370,17 @@ def _metrics(ev, head, dense, info: dict) -> dict:
                     "concepts_kept": len(info["concepts"]), "concepts_total": len(info["all_concepts"])})
 
 
-def _save_bundle(ctx: Context, model, cache, info: dict, head, classes: list[str], metrics: dict) -> Path:
+def _concept_hist(d: ConceptData) -> dict[str, torch.Tensor]:
+    """The training split's concept-score histograms (``salf/contract/drift.py``), stored in the bundle so
+    the gateway can tell how far live traffic sits from training, per concept."""
+    from salf.contract.drift import histogram
+    from salf.contract.repository import CONCEPT_HIST
+
+    return {CONCEPT_HIST: torch.from_numpy(histogram(d.scores[d.train].numpy()).astype("float32"))}
+
+
+def _save_bundle(ctx: Context, model, cache, info: dict, head, classes: list[str], metrics: dict,
+                 extra: dict | None = None) -> Path:
     from .bundle import BundleMeta, save_bundle
 
     cfg = ctx.cfg
@@ -381,7 +391,7 @@ def _save_bundle(ctx: Context, model, cache, info: dict, head, classes: list[str
     meta = BundleMeta(backbone=backbone_spec(ctx), feature_dim=cache.feature_dim, concepts=info["concepts"],
                       classes=classes, grid=cfg.grid, radius=cfg.radius, pooling=cfg.pooling, clip=info.get("clip"),
                       similarity=info["similarity"], training=training, metrics=metrics)
-    return save_bundle(ctx.run.bundle, model, meta)
+    return save_bundle(ctx.run.bundle, model, meta, extra)
 
 
 def _report(ctx: Context, ev, head, info: dict, test, metrics: dict) -> TrainReport:

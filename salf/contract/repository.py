@@ -71,6 +71,7 @@ HEAD_WEIGHT = "head.weight"
 HEAD_BIAS = "head.bias"
 CONCEPT_MEAN = "concept_mean"
 CONCEPT_STD = "concept_std"
+CONCEPT_HIST = "drift.concept_hist"  # optional [M, BINS]: training share per z bin (salf/contract/drift.py)
 
 POOLINGS = ("avg", "softmax")
 FLAVOURS = ("onnxruntime", "python")
@@ -218,10 +219,14 @@ class HeadArrays:
     bias: np.ndarray
     concept_mean: np.ndarray
     concept_std: np.ndarray
+    concept_hist: np.ndarray | None = None
 
     def tensors(self) -> dict[str, np.ndarray]:
-        return {HEAD_WEIGHT: self.weight, HEAD_BIAS: self.bias, CONCEPT_MEAN: self.concept_mean,
-                CONCEPT_STD: self.concept_std}
+        out = {HEAD_WEIGHT: self.weight, HEAD_BIAS: self.bias, CONCEPT_MEAN: self.concept_mean,
+               CONCEPT_STD: self.concept_std}
+        if self.concept_hist is not None:
+            out[CONCEPT_HIST] = self.concept_hist
+        return out
 
 
 def write_head(path: str | Path, head: HeadArrays) -> None:
@@ -248,9 +253,17 @@ def read_head(path: str | Path, num_concepts: int, num_classes: int) -> HeadArra
             raise RepositoryError(f"{path}: {name!r} has shape {tuple(tensors[name].shape)}, expected {shape} "
                                   f"({m} concepts, {l} classes in {METADATA_FILE})")
     arrays = {k: np.ascontiguousarray(tensors[k], dtype=np.float32) for k in expected}
+    hist = tensors.get(CONCEPT_HIST)
+    if hist is not None:
+        from .drift import BINS
+
+        if tuple(hist.shape) != (m, BINS):
+            raise RepositoryError(f"{path}: {CONCEPT_HIST!r} has shape {tuple(hist.shape)}, expected {(m, BINS)}")
+        arrays[CONCEPT_HIST] = np.ascontiguousarray(hist, dtype=np.float32)
     for a in arrays.values():
         a.setflags(write=False)
-    return HeadArrays(arrays[HEAD_WEIGHT], arrays[HEAD_BIAS], arrays[CONCEPT_MEAN], arrays[CONCEPT_STD])
+    return HeadArrays(arrays[HEAD_WEIGHT], arrays[HEAD_BIAS], arrays[CONCEPT_MEAN], arrays[CONCEPT_STD],
+                      arrays.get(CONCEPT_HIST))
 
 
 # --------------------------------------------------------------------------- the served model
@@ -272,6 +285,7 @@ class ModelSpec:
     bias: np.ndarray
     concept_mean: np.ndarray
     concept_std: np.ndarray
+    concept_hist: np.ndarray | None = None  # [M, BINS] training shares per z bin, when training recorded them
 
     @property
     def num_concepts(self) -> int:
@@ -306,7 +320,7 @@ def load_model_spec(root: str | Path, version: int | None = None) -> ModelSpec:
                      concepts=concepts, classes=classes,
                      bundle_sha256=str((doc.get("bundle") or {}).get("weights_sha256", "")),
                      weight=head.weight, bias=head.bias, concept_mean=head.concept_mean,
-                     concept_std=head.concept_std)
+                     concept_std=head.concept_std, concept_hist=head.concept_hist)
     log.info("model repository %s version %d: %d concepts, %d classes, input %s, grid %s, %s pooling",
              root, version, spec.num_concepts, spec.num_classes, spec.input_size, spec.grid, spec.pooling)
     return spec
