@@ -14,7 +14,7 @@ DEMO_SYNTH_ARGS ?=
 DEMO_PORT ?= 50151
 DEMO_REPO ?= model_repository
 
-.PHONY: all venv proto demo test test-unit test-integration triton-env triton clean bench-similarity bench-serving
+.PHONY: all venv proto demo test test-unit test-integration triton-env triton prometheus-bin clean bench-similarity bench-serving
 
 all: venv proto
 
@@ -89,15 +89,23 @@ demo: venv proto
 	@echo "figures: $(DEMO)/explain/ (the explained image) and $(DEMO)/rules.png (the decision rules);" \
 	  "figures of the run: $(DEMO)/report.json"
 
+# ---------------------------------------------------------------- Prometheus (issue 13)
+# Debian's prometheus package: the monitoring test scrapes a real gateway and Triton with it. Needs root
+# (CI runs as root); installs nothing when a prometheus binary is already on PATH.
+prometheus-bin:
+	@command -v prometheus >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; }
+	@prometheus --version 2>&1 | head -1
+
 # ---------------------------------------------------------------- tests
-test: venv proto triton-env
+test: venv proto triton-env prometheus-bin
 	$(PY) -m pytest -q tests
 
 test-unit: venv proto
 	$(PY) -m pytest -q tests/unit
 
 # Real servers and pipelines: the gateway on both backends, a real Triton, the training CLI.
-test-integration: venv proto triton-env
+test-integration: venv proto triton-env prometheus-bin
 	$(PY) -m pytest -q tests/integration
 
 clean:
