@@ -10,7 +10,6 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
 
 from tests.fixtures.gateway import encode, start_gateway
 
