@@ -37,7 +37,10 @@ class SalfClient:
         self.timeout = float(timeout)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         size = 64 * 1024 * 1024
-        options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+        # Reconnect within 2 s of a restarted gateway (gRPC's default backoff grows to 120 s): a long-lived
+        # client such as `salfctl ui` would otherwise answer UNAVAILABLE for minutes after it is back.
+        options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
+                   ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
         if ca_cert is not None or tls:
             roots = Path(ca_cert).read_bytes() if ca_cert is not None else None
             self.channel = grpc.secure_channel(url, grpc.ssl_channel_credentials(root_certificates=roots), options)
@@ -94,6 +97,11 @@ class SalfClient:
         if not self.info.backend_ready:
             raise GatewayUnavailable(f"the gateway at {self.url} is up but its {self.info.backend} backend "
                                      f"({self.info.backend_target}) is not ready")
+
+    @property
+    def in_process(self) -> bool:
+        """True when this client started its own gateway (:meth:`local`)."""
+        return self._server is not None
 
     def close(self) -> None:
         self.channel.close()

@@ -10,13 +10,14 @@ import typer
 
 from clients import commands as client_commands
 from clients.cli import configure_logging
+from clients.ui import cli as ui_cli
 from export import cli as export_cli
 from serving import cli as serving_cli
 from training.cli import data_app, train_app
 
 # Commands whose output is their result (tables, JSON, a one-line summary): their INFO logs would only
 # repeat it, so they log warnings unless -v. Pipelines (train, export, serve, triton) log progress at INFO.
-RESULT_COMMANDS = frozenset({*client_commands.COMMANDS, "data"})
+RESULT_COMMANDS = frozenset({*client_commands.COMMANDS, "data", "ui"})
 
 app = typer.Typer(help="SALF-CBM: train, export, serve and query spatially-aware concept bottleneck models.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -35,6 +36,7 @@ app.add_typer(data_app, name="data")
 export_cli.register(app)
 serving_cli.register(app)
 client_commands.register(app)
+ui_cli.register(app)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from salf.contract import explain
+from salf.contract.regions import default_radius
 from salf.contract.repository import ModelSpec
 
 from .backends import Backend
@@ -235,13 +236,7 @@ class Gateway:
                                   f"or send a mask_png")
 
     def _default_radius(self, size: tuple[int, int]) -> float:
-        """The model's prompt-circle radius (at the input size) scaled to the image's own size; half a
-        grid cell when the repository records no radius."""
-        h, w = size
-        ih, iw = self.spec.input_size
-        if self.spec.radius > 0:
-            return self.spec.radius * math.sqrt((h / ih) * (w / iw))
-        return 0.5 * min(h / self.spec.grid[0], w / self.spec.grid[1])
+        return default_radius(size, self.spec.input_size, self.spec.grid, self.spec.radius)
 
     def _activations(self, maps: np.ndarray, mask: np.ndarray, k: int, budget: Budget | None = None) -> list[Activation]:
         weights = explain.project_region(mask, self.spec.grid, check=budget.check if budget else None)

@@ -62,6 +62,18 @@ def points_mask(points: list[tuple[float, float]], radius: float, image_size: tu
     return mask
 
 
+def default_radius(image_size: tuple[int, int], input_size: tuple[int, int], grid: tuple[int, int],
+                   radius: float) -> float:
+    """The radius of a clicked point when the caller gives none: the model's prompt-circle ``radius``
+    (pixels at ``input_size``) scaled to the image's own size; half a grid cell when the model records
+    no radius (``radius <= 0``)."""
+    h, w = image_size
+    ih, iw = input_size
+    if radius > 0:
+        return float(radius * np.sqrt((h / ih) * (w / iw)))
+    return 0.5 * min(h / grid[0], w / grid[1])
+
+
 def require_nonempty(mask: np.ndarray, what: str = "region") -> np.ndarray:
     """``mask`` itself; :class:`RegionError` when it selects no pixel."""
     if not mask.any():
