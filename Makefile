@@ -14,7 +14,7 @@ DEMO_SYNTH_ARGS ?=
 DEMO_PORT ?= 50151
 DEMO_REPO ?= model_repository
 
-.PHONY: all venv proto demo test test-unit test-integration triton-env triton prometheus-bin clean bench-similarity bench-serving
+.PHONY: all venv proto demo test test-unit test-integration triton-env triton prometheus-bin chromium-bin ui clean bench-similarity bench-serving
 
 all: venv proto
 
@@ -97,15 +97,28 @@ prometheus-bin:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; }
 	@prometheus --version 2>&1 | head -1
 
+# Debian's Chromium for the explorer's browser tests (tests/integration/test_explorer.py): Playwright
+# drives it; it cannot download its own browser here.
+chromium-bin:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null; }
+	@chromium --version 2>/dev/null | head -1
+
+# ---------------------------------------------------------------- explorer (issue 16)
+# The interactive explorer on the demo's model and test images: prints the URL (with its launch secret).
+UI_ARGS ?= --images $(DEMO)/data/test
+ui: venv proto
+	$(SALFCTL) ui --model-repository $(DEMO_REPO) $(UI_ARGS)
+
 # ---------------------------------------------------------------- tests
-test: venv proto triton-env prometheus-bin
+test: venv proto triton-env prometheus-bin chromium-bin
 	$(PY) -m pytest -q tests
 
 test-unit: venv proto
 	$(PY) -m pytest -q tests/unit
 
 # Real servers and pipelines: the gateway on both backends, a real Triton, the training CLI.
-test-integration: venv proto triton-env prometheus-bin
+test-integration: venv proto triton-env prometheus-bin chromium-bin
 	$(PY) -m pytest -q tests/integration
 
 clean:
