@@ -14,7 +14,7 @@ DEMO_SYNTH_ARGS ?=
 DEMO_PORT ?= 50151
 DEMO_REPO ?= model_repository
 
-.PHONY: all venv proto demo test test-unit test-integration triton-env triton prometheus-bin chromium-bin ui clean bench-similarity bench-serving
+.PHONY: all venv proto demo test test-unit test-integration triton-env triton prometheus-bin chromium-bin ui ui-story clean bench-similarity bench-serving
 
 all: venv proto
 
@@ -109,6 +109,11 @@ chromium-bin:
 UI_ARGS ?= --images $(DEMO)/data/test
 ui: venv proto
 	$(SALFCTL) ui --model-repository $(DEMO_REPO) $(UI_ARGS)
+
+# The paper's debugging story on the demo's model, done in the explorer in headless Chromium: writes
+# $(DEMO)/explorer.png (the README's screenshot) and $(DEMO)/explorer-story.json. Needs `make demo`.
+ui-story: venv proto chromium-bin
+	$(PY) -m tests.e2e.explorer_story --repo $(DEMO_REPO) --data $(DEMO)/data --out $(DEMO)
 
 # ---------------------------------------------------------------- tests
 test: venv proto triton-env prometheus-bin chromium-bin

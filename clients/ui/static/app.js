@@ -535,7 +535,8 @@ const interveneCtl = latestOnly("intervene", async () => {
     return el("tr", { "data-name": n, "data-logit-before": lb, "data-logit-after": la, "data-delta": d },
       el("td", { class: "name" }, n),
       el("td", {}, pb ? pb.probability.toFixed(4) : "-"),
-      el("td", { class: d > 0 ? "up" : d < 0 ? "down" : "" }, pa ? pa.probability.toFixed(4) : "-"),
+      el("td", { class: pa && pb ? (pa.probability > pb.probability + 5e-4 ? "up" : pa.probability < pb.probability - 5e-4 ? "down" : "") : "" },
+         pa ? pa.probability.toFixed(4) : "-"),
       el("td", {}, fmt(d, 3)));
   }));
 });
