@@ -117,8 +117,26 @@ class SalfClient:
 
     # ---------------------------------------------------------- RPCs
 
+    # Seconds a call that found the gateway unreachable waits for it once more (0: fail at once). A
+    # long-lived client (`salfctl ui`) sets it so that the first request after a gateway restart waits
+    # for the channel's reconnection (at most 2 s away) instead of failing; every RPC is idempotent.
+    reconnect_wait: float = 0.0
+
     def _call(self, method, request, timeout: float | None):
-        return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            return method(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            if self.reconnect_wait <= 0 or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            unavailable = exc
+        try:
+            return method(request, timeout=min(timeout, self.reconnect_wait), metadata=self._metadata,
+                          wait_for_ready=True)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise unavailable from None  # still down: the first error says why
+            raise
 
     def model_info(self, timeout: float | None = None):
         return self._call(self.stub.GetModelInfo, self.pb.GetModelInfoRequest(), timeout)

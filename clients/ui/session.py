@@ -91,8 +91,9 @@ def thumbnail_png(rgb: np.ndarray, longest: int = THUMB) -> bytes:
 class Explorer:
     """The explorer's state (open images, folder, gallery scores) and its gateway calls."""
 
-    def __init__(self, client, folder: Path | None = None) -> None:
+    def __init__(self, client, folder: Path | None = None, reconnect_wait: float = 3.0) -> None:
         self.client = client
+        client.reconnect_wait = reconnect_wait  # a restarted gateway answers the next click, not the one after
         self.folder = folder
         self.files = list_folder(folder)
         self._images: OrderedDict[str, OpenImage] = OrderedDict()

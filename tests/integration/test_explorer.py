@@ -192,6 +192,26 @@ def test_explorer_region_and_intervention_match_the_gateway(browser_page, gatewa
         rule = client.class_rules(target).rules[0]
         assert [r["name"] for r in _rows(page, "#rules")] == [t.concept_name for t in rule.terms]
 
+        # points and brush regions: the page's pixels are the gateway's
+        page.check("input[name=tool][value=points]")
+        rect = _rect(page)  # checking the radio may have scrolled the page
+        page.mouse.click(rect["x"] + 101, rect["y"] + 203)
+        _until(page, "document.querySelector('#region-info').textContent.includes(' -- ')")
+        _wait_idle(page)
+        pts = json.loads(page.get_attribute("#region-info", "data-region"))
+        assert pts["points"][0] == pytest.approx([101 / scale, 203 / scale], abs=1e-3)
+        expected = client.explain_region(client.region(points=pts["points"], radius=pts["radius"]), image=data, top_k=8)
+        assert [r["name"] for r in _rows(page, "#region-concepts")] == [c.name for c in expected.concepts]
+        assert f"-- {expected.region_area} px" in page.text_content("#region-info")
+        page.check("input[name=tool][value=brush]")
+        rect = _rect(page)
+        _drag(page, rect, (60, 300), (380, 330))
+        _until(page, "document.querySelector('#region-info').textContent.includes(' -- ')")
+        _wait_idle(page)
+        brushed = page.evaluate("SalfUI.state.brush.reduce((a, b) => a + b, 0)")
+        assert 0 < brushed < w * h
+        assert f"-- {brushed} px" in page.text_content("#region-info")
+
         # gallery: the folder's images ranked by the chosen concept's c*
         page.select_option("#gallery-select", concept)
         page.wait_for_selector("#gallery figure")
@@ -255,10 +275,10 @@ class _Foreign(SimpleHTTPRequestHandler):
         pass
 
 
-def test_explorer_refuses_requests_without_secret_or_from_another_origin(browser_page, gateway_url, synth_data,
+def test_explorer_refuses_requests_without_secret_or_from_another_origin(browser_page, trained_repo, synth_data,
                                                                          tmp_path):
     page = browser_page
-    ui = start_salfctl_ui(tmp_path / "ui.log", ["-u", gateway_url])
+    ui = start_salfctl_ui(tmp_path / "ui.log", ["-m", str(trained_repo)])  # in-process gateway
     foreign = None
     try:
         # no secret: the page is not served
