@@ -4,7 +4,8 @@
    top concepts with the gateway's ExplainRegion for the same box, move the beta slider by keyboard
    and compare the class scores shown with the gateway's Intervene, download figure and JSON, save a
    screenshot;
-2. the gateway goes down and comes back: a readable error, then the page works again;
+2. an image dropped on the page; the gateway goes down and comes back: a readable error, then the page
+   works again;
 3. requests without the launch secret, from another origin, or under a foreign Host are refused.
 """
 from __future__ import annotations
@@ -234,7 +235,15 @@ def test_explorer_reports_a_gateway_outage_and_recovers(browser_page, trained_re
     ui = start_salfctl_ui(tmp_path / "ui.log", ["-u", f"127.0.0.1:{port}"])
     try:
         _open_page(page, ui.url)
-        _load(page, _test_image(synth_data))
+        image = _test_image(synth_data)  # dropped on the page this time, as a file dragged from a file manager
+        page.evaluate("""([bytes, name]) => {
+            const dt = new DataTransfer();
+            dt.items.add(new File([new Uint8Array(bytes)], name, {type: "image/png"}));
+            document.querySelector("#stage").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true,
+                                                                                  cancelable: true}));
+        }""", [list(image.read_bytes()), image.name])
+        _until(page, f"document.querySelector('#image-name').textContent.startsWith({image.name!r})")
+        page.wait_for_selector("#concepts tbody tr[data-name]")
         rect = _rect(page)
 
         gateway.stop(grace=0.2)
