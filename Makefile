@@ -101,7 +101,7 @@ prometheus-bin:
 # drives it; it cannot download its own browser here.
 chromium-bin:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null; }
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium fonts-liberation >/dev/null; }
 	@chromium --version 2>/dev/null | head -1
 
 # ---------------------------------------------------------------- explorer (issue 16)
