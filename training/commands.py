@@ -87,7 +87,41 @@ def all_(config: ConfigOpt, out: OutOpt, data: DataOpt = None, device: DeviceOpt
     typer.echo(f"wall time {report.wall_seconds:.0f} s")
 
 
+def random(config: ConfigOpt = "imagenet-rn50",
+           out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write."),
+           classes: Optional[int] = typer.Option(None, "--classes", help="Classes (default: --class-names' count, "
+                                                                          "else 1000)."),
+           concepts: Optional[int] = typer.Option(None, "--concepts", help="Concepts (default: --concept-names' "
+                                                                            "count, else 4741)."),
+           nonzero: Optional[int] = typer.Option(None, "--nonzero-per-class",
+                                                 help="Non-zero head weights per class (default: the preset's)."),
+           weights: str = typer.Option("random", "--weights", help="Backbone weights: random, preset (the "
+                                                                   "preset's own, from the local cache) or a path."),
+           concept_names: Optional[Path] = typer.Option(None, "--concept-names", exists=True, dir_okay=False,
+                                                        help="Concept names, one per line."),
+           class_names: Optional[Path] = typer.Option(None, "--class-names", exists=True, dir_okay=False,
+                                                      help="Class names, one per line."),
+           seed: Optional[int] = typer.Option(None, "--seed", help="Default: the preset's seed.")) -> None:
+    """A bundle at a preset's configuration with random weights and no data (serving and benchmarks at
+    the paper's size: `salfctl train random --config imagenet-rn50 --out runs/rn50/bundle`)."""
+    import time
+
+    from .random_bundle import WEIGHT_CHOICES, from_config
+
+    if weights not in WEIGHT_CHOICES and not Path(weights).exists():
+        raise typer.BadParameter(f"--weights must be random, preset or an existing file, got {weights!r}")
+    start = time.perf_counter()
+    path = from_config(out, config, classes=classes, concepts=concepts, nonzero_per_class=nonzero, weights=weights,
+                       seed=seed, concept_names=concept_names, class_names=class_names)
+    from .bundle import read_meta
+
+    meta, _ = read_meta(path)
+    typer.echo(f"bundle: {path} ({meta.backbone.arch} {meta.backbone.layer or ''} {meta.backbone.input_size[0]} px, "
+               f"{len(meta.concepts)} concepts, {len(meta.classes)} classes, grid {meta.grid[0]}x{meta.grid[1]}, "
+               f"random weights, {time.perf_counter() - start:.1f} s)")
+
+
 def register(train_app: typer.Typer, data_app: typer.Typer) -> None:
     """Add this part's commands to the `train` and `data` apps."""
-    for name, fn in (("backbone", backbone), ("cbl", cbl), ("head", head), ("all", all_)):
+    for name, fn in (("backbone", backbone), ("cbl", cbl), ("head", head), ("all", all_), ("random", random)):
         command(train_app, name, errors=training_errors)(fn)
