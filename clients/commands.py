@@ -26,7 +26,16 @@ from .cli import (DEFAULT_REPO, DEFAULT_TIMEOUT, EXIT_FAILED, EXIT_UNREACHABLE, 
 
 COMMANDS = ("predict", "explain", "explain-region", "intervene", "rules", "info", "monitor")
 
-Images = Annotated[List[Path], typer.Argument(exists=True, dir_okay=False, help="Image files.")]
+Images = Annotated[List[Path], typer.Argument(exists=True, help="Image files, or folders (walked recursively, "
+                                                                "in path order).")]
+InFlight = Annotated[int, typer.Option("--in-flight", help="Requests kept in flight; files are read while "
+                                                           "others are answered. Results keep the input order.")]
+Output = Annotated[Optional[Path], typer.Option("--output", "-O", dir_okay=False,
+                                                help="Write the JSON Lines here (one row per image, flushed as "
+                                                     "each finishes) instead of stdout.")]
+Resume = Annotated[bool, typer.Option("--resume", help="With --output: keep its rows and skip the images it "
+                                                       "already answered without error (a stopped run goes on).")]
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 Roi = Annotated[Optional[Path], typer.Option("--roi", exists=True, dir_okay=False,
                                              help="Region mask (PNG at the image's size; docs: gateway.proto Region).")]
 Box = Annotated[Optional[str], typer.Option("--box", help="Region as a box x0,y0,x1,y1 (pixels).")]
@@ -75,41 +84,114 @@ def _error_row(item, exc) -> dict:
     return {"image": str(item), "error": {"code": exc.code().name, "message": exc.details()}}
 
 
-def _rows(client, inputs: list, what: str, request: Callable):
-    """``request(client, item) -> dict`` for each input, yielded as each finishes; a failed RPC becomes an
-    error row."""
+def expand_inputs(paths: list[Path], suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    """Files as given; each folder replaced by its files with ``suffixes`` (recursive, sorted by path).
+    A folder with none of them is a usage error."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+            if not found:
+                raise typer.BadParameter(f"{p} holds no {', '.join(suffixes)} file")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+def _rows(client, inputs: list, what: str, request: Callable, in_flight: int = 1):
+    """``request(client, item) -> dict`` for each input, yielded in input order; a failed RPC becomes an
+    error row. ``in_flight > 1``: that many requests run at once (threads; each reads its file too)."""
     import grpc
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
-    for item in tqdm(inputs, desc=what, unit="image", file=sys.stderr, disable=len(inputs) < 2, leave=False):
+    def one(item):
         try:
-            yield {"image": str(item), **request(client, item)}
+            return {"image": str(item), **request(client, item)}
         except grpc.RpcError as exc:
-            yield _error_row(item, exc)
+            return _error_row(item, exc)
+
+    bar = tqdm(total=len(inputs), desc=what, unit="image", file=sys.stderr, disable=len(inputs) < 2, leave=False)
+    if in_flight <= 1:
+        for item in inputs:
+            yield one(item)
+            bar.update(1)
+    else:
+        window: deque = deque()
+        with ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="salfctl") as pool:
+            for item in inputs:
+                window.append(pool.submit(one, item))
+                if len(window) >= 2 * in_flight:  # a bounded read-ahead, whatever the input count
+                    yield window.popleft().result()
+                    bar.update(1)
+            while window:
+                yield window.popleft().result()
+                bar.update(1)
+    bar.close()
 
 
-def _emit(rows, as_json: bool, table: Callable) -> int:
-    """Print results as they come (JSON Lines or tables) and errors; returns the number of errors."""
+def _resumable(inputs: list[Path], output: Optional[Path], resume: bool, in_flight: int) -> list[Path]:
+    """Usage checks of --output/--resume/--in-flight; the inputs still to do (all, unless resuming)."""
+    if in_flight < 1:
+        raise typer.BadParameter("--in-flight must be >= 1")
+    if resume and output is None:
+        raise typer.BadParameter("--resume needs --output FILE")
+    if output is None or not output.exists() or output.stat().st_size == 0:
+        return inputs
+    if not resume:
+        raise CliError(f"{output} already exists: pass --resume to go on with it, or choose another --output",
+                       EXIT_USAGE)
+    data = output.read_bytes()
+    if not data.endswith(b"\n"):  # a run killed mid-row: drop the partial row (its image is done again)
+        with open(output, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+    done = set()
+    for line in output.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "error" not in row and "image" in row:
+            done.add(row["image"])
+    todo = [p for p in inputs if str(p) not in done]
+    typer.echo(f"resuming {output}: {len(inputs) - len(todo)} of {len(inputs)} images already answered", err=True)
+    return todo
+
+
+def _emit(rows, as_json: bool, table: Callable, output: Optional[Path] = None) -> int:
+    """Print results as they come (JSON Lines or tables; with ``output``, JSON Lines appended to that
+    file, flushed per row) and errors; returns the number of errors."""
     from rich.console import Console
 
     console = Console()
     failed = 0
-    for row in rows:
-        if "error" in row:
-            failed += 1
-            typer.echo(f"error: {row['image']}: {row['error']['code']}: {row['error']['message']}", err=True)
-        if as_json:
-            print(json.dumps(row), flush=True)
-        elif "error" not in row:
-            table(console, row)
+    sink = open(output, "a") if output is not None else None
+    try:
+        for row in rows:
+            if "error" in row:
+                failed += 1
+                typer.echo(f"error: {row['image']}: {row['error']['code']}: {row['error']['message']}", err=True)
+            if sink is not None:
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+            elif as_json:
+                print(json.dumps(row), flush=True)
+            elif "error" not in row:
+                table(console, row)
+    finally:
+        if sink is not None:
+            sink.close()
     return failed
 
 
-def _run(conn: tuple, as_json: bool, table: Callable, produce: Callable) -> None:
+def _run(conn: tuple, as_json: bool, table: Callable, produce: Callable, output: Optional[Path] = None) -> None:
     """Connect with ``conn = (url, repo, timeout, token, ca_cert)``; print the rows of ``produce(client)``
     as they come (a long video streams its records); exit 1 if any row is an error."""
     with _connect(*conn) as client:
-        failed = _emit(produce(client), as_json, table)
+        failed = _emit(produce(client), as_json, table, output)
     raise typer.Exit(EXIT_FAILED if failed else 0)
 
 
@@ -186,15 +268,19 @@ def _region_mask(region, size: tuple[int, int], default_radius: float):
 
 def predict(images: Images, top_k: TopK = 0, url: Url = None, model_repository: Repo = DEFAULT_REPO,
             timeout: Timeout = DEFAULT_TIMEOUT, token: Token = None, ca_cert: CaCert = None,
-            as_json: Json = False) -> None:
-    """Top-k classes with probabilities for each image (JSON: PredictResponse)."""
+            as_json: Json = False, in_flight: InFlight = 8, output: Output = None, resume: Resume = False) -> None:
+    """Top-k classes with probabilities for each image (JSON: PredictResponse). Folders are walked:
+    offline scoring streams one JSON Lines row per image (--output FILE, --resume after a stop)."""
+    images = _resumable(expand_inputs(images), output, resume, in_flight)
+
     def table(console, row):
         console.print(_table(row["image"], ("rank", "class", "probability", "logit"),
                              [(str(n), c["name"], f"{c['probability']:.4f}", f"{c['logit']:+.3f}")
                               for n, c in enumerate(row["classes"], 1)]))
 
     _run((url, model_repository, timeout, token, ca_cert), as_json, table, lambda client: _rows(
-        client, images, "predict", lambda c, image: message_dict(c.predict(image.read_bytes(), top_k=top_k))))
+        client, images, "predict", lambda c, image: message_dict(c.predict(image.read_bytes(), top_k=top_k)),
+        in_flight), output)
 
 
 def explain(images: Images, roi: Roi = None, box: Box = None, point: Points = None, radius: Radius = 0.0,
@@ -214,7 +300,8 @@ def explain(images: Images, roi: Roi = None, box: Box = None, point: Points = No
             every: int = typer.Option(1, "--every", help="Video: explain every N-th frame."),
             max_frames: Optional[int] = typer.Option(None, "--max-frames", help="Video: at most this many frames."),
             url: Url = None, model_repository: Repo = DEFAULT_REPO, timeout: Timeout = DEFAULT_TIMEOUT,
-            token: Token = None, ca_cert: CaCert = None, as_json: Json = False) -> None:
+            token: Token = None, ca_cert: CaCert = None, as_json: Json = False, in_flight: InFlight = 8,
+            output: Output = None, resume: Resume = False) -> None:
     """Top-k concepts by contribution S = W(class, m) * c*(m) with their concept maps; a region adds Explain
     Anything.
 
@@ -229,8 +316,9 @@ def explain(images: Images, roi: Roi = None, box: Box = None, point: Points = No
     concept (its heatmap on one colour scale over the whole video).
     """
     from .figure import SCALES
-    from .video import is_video
+    from .video import VIDEO_SUFFIXES, is_video
 
+    images = _resumable(expand_inputs(images, IMAGE_SUFFIXES + VIDEO_SUFFIXES), output, resume, in_flight)
     _check_region_options(box, point)
     if scale not in SCALES:
         raise typer.BadParameter(f"--scale must be one of {', '.join(SCALES)}, got {scale!r}")
@@ -268,12 +356,12 @@ def explain(images: Images, roi: Roi = None, box: Box = None, point: Points = No
         region = _region(client, roi, box, point, radius, required=False)
         stills = [p for p in images if p not in videos]
         yield from _rows(client, stills, "explain", lambda c, image: _explain_one(
-            c, image, region, class_name, top_k, out, names[image], scale, save_npz, tracked))
+            c, image, region, class_name, top_k, out, names[image], scale, save_npz, tracked), in_flight)
         for video in videos:
             yield from _explain_video(client, video, class_name, top_k, tracked, out, names[video], every,
                                       max_frames)
 
-    _run((url, model_repository, timeout, token, ca_cert), as_json, table, produce)
+    _run((url, model_repository, timeout, token, ca_cert), as_json, table, produce, output)
 
 
 def output_names(images: list[Path]) -> dict[Path, str]:
@@ -448,6 +536,7 @@ def explain_region(images: Images, roi: Roi = None, box: Box = None, point: Poin
                    as_json: Json = False) -> None:
     """Explain Anything: top concepts by aggregated activation inside a mask, box or points
     (JSON: ExplainRegionResponse plus "area")."""
+    images = expand_inputs(images)
     _check_region_options(box, point)
     if roi is None and box is None and not point:
         raise typer.BadParameter("explain-region needs a region: --roi, --box or --point")
@@ -475,6 +564,7 @@ def intervene(images: Images, roi: Roi = None, box: Box = None, point: Points = 
               as_json: Json = False) -> None:
     """Local intervention: edit one concept's map in a region, re-run the head, show the change
     (JSON: InterveneResponse, with "logit_deltas" keyed by class name, plus "concept" and "beta")."""
+    images = expand_inputs(images)
     _check_region_options(box, point)
     if roi is None and box is None and not point:
         raise typer.BadParameter("intervene needs a region: --roi, --box or --point")
