@@ -14,7 +14,7 @@ DEMO_SYNTH_ARGS ?=
 DEMO_PORT ?= 50151
 DEMO_REPO ?= model_repository
 
-.PHONY: all venv proto demo test test-unit test-integration triton-env triton prometheus-bin chromium-bin ui ui-story clean bench-similarity bench-serving
+.PHONY: all venv proto demo test test-unit test-integration triton-env triton prometheus-bin chromium-bin ui ui-story clean bench-similarity bench-serving bench-overhead
 
 all: venv proto
 
@@ -70,6 +70,13 @@ BENCH_SERVING_ARGS ?= --clients 32 --seconds 15
 bench-serving: venv proto triton-env
 	mkdir -p $(RUNS)
 	$(PY) -m tests.bench.serving $(BENCH_SERVING_ARGS) --json $(RUNS)/bench-serving.json
+
+# Explanation cost next to a bare forward, demo size and the paper's (ResNet-50, 4741 concepts, 1000
+# classes, random weights), and the gateway's memory: regenerates docs/performance.md (issue 12).
+BENCH_OVERHEAD_ARGS ?=
+bench-overhead: venv proto
+	mkdir -p $(RUNS)
+	$(PY) -m tests.bench.overhead $(BENCH_OVERHEAD_ARGS) --json $(RUNS)/bench-overhead.json
 
 # ---------------------------------------------------------------- demo
 demo: venv proto
