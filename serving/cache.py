@@ -20,13 +20,21 @@ class TTLCache(Generic[K, V]):
     insertion. ``on_hit``/``on_miss`` are called (outside the lock) for metrics."""
 
     def __init__(self, max_entries: int, ttl_s: float, clock: Callable[[], float] = time.monotonic,
-                 on_hit: Callable[[], None] | None = None, on_miss: Callable[[], None] | None = None) -> None:
+                 on_hit: Callable[[], None] | None = None, on_miss: Callable[[], None] | None = None,
+                 max_bytes: int | None = None, size_of: Callable[[V], int] | None = None) -> None:
         if max_entries < 1:
             raise ValueError(f"max_entries must be at least 1, got {max_entries}")
         if not ttl_s > 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+        if max_bytes is not None and (max_bytes < 1 or size_of is None):
+            raise ValueError("max_bytes must be positive and needs size_of")
         self.max_entries = int(max_entries)
         self.ttl_s = float(ttl_s)
+        # Also at most ``max_bytes`` in all (``size_of(value)`` each): at the paper's size one entry is
+        # 930 KB, so 1024 entries would be 0.95 GB. The newest entry always stays, whatever its size.
+        self.max_bytes = max_bytes
+        self._size_of = size_of or (lambda v: 0)
+        self.bytes = 0
         self._clock = clock
         self._on_hit = on_hit or (lambda: None)
         self._on_miss = on_miss or (lambda: None)
@@ -37,8 +45,10 @@ class TTLCache(Generic[K, V]):
         """Insert or replace ``key``; evicts expired items, then the least recently used ones."""
         now = self._clock()
         with self._lock:
+            if key in self._items:
+                self._drop(key)
             self._items[key] = (now + self.ttl_s, value)
-            self._items.move_to_end(key)
+            self.bytes += self._size_of(value)
             self._evict(now)
 
     def get(self, key: K) -> V | None:
@@ -47,7 +57,7 @@ class TTLCache(Generic[K, V]):
         with self._lock:
             item = self._items.get(key)
             if item is not None and item[0] <= now:
-                del self._items[key]
+                self._drop(key)
                 item = None
             if item is not None:
                 self._items.move_to_end(key)
@@ -59,9 +69,14 @@ class TTLCache(Generic[K, V]):
             self._evict(self._clock())
             return len(self._items)
 
+    def _drop(self, key: K) -> None:
+        _, value = self._items.pop(key)
+        self.bytes -= self._size_of(value)
+
     def _evict(self, now: float) -> None:
         expired = [k for k, (deadline, _) in self._items.items() if deadline <= now]
         for k in expired:
-            del self._items[k]
-        while len(self._items) > self.max_entries:
-            self._items.popitem(last=False)
+            self._drop(k)
+        while len(self._items) > self.max_entries or (
+                self.max_bytes is not None and self.bytes > self.max_bytes and len(self._items) > 1):
+            self._drop(next(iter(self._items)))

@@ -31,6 +31,8 @@ def serve(
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
     cache_size: int = typer.Option(1024, "--cache-size", help="Explanations kept for ExplainRegion/Intervene."),
     cache_ttl: float = typer.Option(900.0, "--cache-ttl", help="Seconds an explanation_id stays valid."),
+    cache_mb: int = typer.Option(256, "--cache-mb", help="And at most this many MB of cached concept maps (an "
+                                                         "explanation at the paper's size holds 930 KB)."),
     max_in_flight: int = typer.Option(64, "--max-in-flight",
                                       help="Requests worked on at once (and inference threads); beyond it "
                                            "RESOURCE_EXHAUSTED at once."),
@@ -67,7 +69,7 @@ def serve(
         config = ServeConfig(model_repository=model_repository, triton_url=triton, host=host, port=port,
                              metrics_port=None if metrics_port < 0 else metrics_port, metrics_host=metrics_host,
                              token=token or None, tls_cert=tls_cert, tls_key=tls_key, cache_size=cache_size,
-                             cache_ttl_s=cache_ttl, max_in_flight=max_in_flight, stream_idle_s=stream_idle,
+                             cache_ttl_s=cache_ttl, cache_mb=cache_mb, max_in_flight=max_in_flight, stream_idle_s=stream_idle,
                              max_streams_per_connection=max_streams, max_connection_idle_s=max_connection_idle,
                              max_connection_age_s=max_connection_age, limits=Limits(max_pixels=max_pixels),
                              drift_window=drift_window, drift_top=drift_top, device=device)

@@ -44,7 +44,7 @@ from .budget import Budget
 from .cache import TTLCache
 from .convert import GatewayServicer
 from .metrics import GatewayMetrics
-from .service import Gateway, Limits
+from .service import CachedMaps, Gateway, Limits
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +232,7 @@ class ServeConfig:
     tls_key: Path | None = None
     cache_size: int = 1024
     cache_ttl_s: float = 900.0
+    cache_mb: int = 256  # and at most this many MB of maps (paper size: ~280 explanations of 930 KB)
     max_in_flight: int = 64
     stream_idle_s: float = 10.0
     max_streams_per_connection: int = 100
@@ -313,7 +314,8 @@ class GatewayServer:
         the version that made it)."""
         c = self.config
         cache = TTLCache(c.cache_size, c.cache_ttl_s, on_hit=self.metrics.cache_hits.inc,
-                         on_miss=self.metrics.cache_misses.inc)
+                         on_miss=self.metrics.cache_misses.inc, max_bytes=c.cache_mb * 1024 * 1024,
+                         size_of=CachedMaps.nbytes)
         self.metrics.model_info.info({
             "backend": backend.name, "backend_target": backend.target, "flavour": spec.flavour,
             "version": str(spec.version), "concepts": str(spec.num_concepts), "classes": str(spec.num_classes),

@@ -100,6 +100,9 @@ class CachedMaps:
     logits: np.ndarray
     size: tuple[int, int]
 
+    def nbytes(self) -> int:
+        return self.maps.nbytes + self.scores.nbytes + self.logits.nbytes
+
 
 @dataclass
 class ExplainResult:

@@ -77,3 +77,31 @@ def test_bounded_under_concurrent_use():
 def test_bad_parameters(size, ttl):
     with pytest.raises(ValueError):
         TTLCache(size, ttl)
+
+
+def test_byte_bound_evicts_least_recently_used_and_keeps_the_count():
+    cache = TTLCache(100, 60.0, max_bytes=10, size_of=len)
+    for key in "abc":
+        cache.put(key, "xxxx")  # 4 bytes each: the third pushes the total to 12
+    assert cache.get("a") is None and cache.get("b") == "xxxx" and cache.get("c") == "xxxx"
+    assert cache.bytes == 8
+    cache.put("b", "yyyyyy")  # replacing counts the new size only
+    assert cache.bytes == 10 and len(cache) == 2
+    cache.put("big", "z" * 50)  # larger than the bound alone: kept (the newest), everything else goes
+    assert len(cache) == 1 and cache.get("big") is not None and cache.bytes == 50
+
+
+def test_byte_bound_counts_expired_and_evicted_entries():
+    now = [0.0]
+    cache = TTLCache(2, 5.0, clock=lambda: now[0], max_bytes=100, size_of=len)
+    cache.put("a", "1234")
+    cache.put("b", "12")
+    cache.put("c", "123")  # evicts "a" by count
+    assert cache.bytes == 5
+    now[0] = 10.0
+    assert len(cache) == 0 and cache.bytes == 0  # expired
+
+
+def test_byte_bound_needs_size_of():
+    with pytest.raises(ValueError):
+        TTLCache(10, 1.0, max_bytes=100)
