@@ -138,9 +138,19 @@ def top_contributors(weights: np.ndarray, scores: np.ndarray, target: int, k: in
 
 
 def top_k_desc(values: np.ndarray, k: int) -> list[int]:
-    """Indices of the ``k`` largest entries of ``values`` ``[N]``, largest first (ties: lower index)."""
-    idx = np.arange(values.shape[0])
-    order = np.lexsort((idx, -values.astype(np.float64)))
+    """Indices of the ``k`` largest entries of ``values`` ``[N]``, largest first (ties: lower index).
+
+    For ``k`` much smaller than ``N`` (5 of 4741 concepts) only the entries at or above the k-th largest
+    value are sorted (a partition first): the same answer as sorting everything, ties included."""
+    neg = -values.astype(np.float64)
+    n = neg.shape[0]
+    if 0 < k < n // 4:
+        kth = np.partition(neg, k - 1)[k - 1]
+        if np.isfinite(kth):  # NaN/inf among the top: sort everything, as below
+            cand = np.flatnonzero(neg <= kth)
+            order = cand[np.lexsort((cand, neg[cand]))]
+            return [int(i) for i in order[:k]]
+    order = np.lexsort((np.arange(n), neg))
     return [int(i) for i in order[:k]]
 
 

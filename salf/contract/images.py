@@ -199,10 +199,12 @@ def decode_mask(source: Source, image_size: tuple[int, int] | None = None, max_p
     return mask
 
 
-def encode_png(array: np.ndarray) -> bytes:
-    """uint8 ``[H, W]`` or ``[H, W, 3|4]`` -> PNG bytes."""
+def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:
+    """uint8 ``[H, W]`` or ``[H, W, 3|4]`` -> PNG bytes (lossless at every level). Level 1, not Pillow's
+    6: a 500x375 heatmap encodes in 2.9 ms instead of 10.3 ms for 28 KB instead of 19 KB (measured); at
+    the paper's size the five heatmaps of an Explain were 28% of its time at level 6 (py-spy)."""
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
+    Image.fromarray(array).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 

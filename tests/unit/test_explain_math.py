@@ -169,3 +169,20 @@ def test_region_projections_do_not_copy_the_mask_to_float64():
     np.testing.assert_allclose(w, explain.bilinear_matrix(2000, 7).T @ m64 @ explain.bilinear_matrix(3000, 7), rtol=1e-12)
     np.testing.assert_allclose(cov, explain.cell_coverage_matrix(2000, 7) @ m64 @ explain.cell_coverage_matrix(3000, 7).T,
                                rtol=1e-12)
+
+
+def test_top_k_desc_partitioned_path_equals_a_full_sort():
+    """The partition shortcut (k << N) gives exactly a full sort's answer: ties by lower index, NaN and
+    infinities included."""
+    from salf.contract.explain import top_k_desc
+
+    rng = np.random.default_rng(0)
+    for trial in range(2000):
+        n = int(rng.integers(1, 400))
+        v = (rng.integers(-3, 4, n) if trial % 2 else rng.normal(size=n)).astype(np.float32)
+        for every, value in ((7, np.nan), (11, np.inf), (13, -np.inf)):
+            if trial % every == 0:
+                v[rng.integers(0, n)] = value
+        k = int(rng.integers(0, n + 2))
+        full = np.lexsort((np.arange(n), -v.astype(np.float64)))[:k]
+        assert top_k_desc(v, k) == [int(i) for i in full], (v, k)
