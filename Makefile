@@ -14,7 +14,7 @@ DEMO_SYNTH_ARGS ?=
 DEMO_PORT ?= 50151
 DEMO_REPO ?= model_repository
 
-.PHONY: all venv proto demo test test-unit test-integration triton-env triton prometheus-bin chromium-bin ui ui-story clean bench-similarity bench-serving bench-overhead
+.PHONY: all venv proto demo test test-unit test-integration triton-env triton prometheus-bin chromium-bin ui ui-story clean bench-similarity bench-serving bench-overhead bench-throughput perf-analyzer
 
 all: venv proto
 
@@ -77,6 +77,27 @@ BENCH_OVERHEAD_ARGS ?=
 bench-overhead: venv proto
 	mkdir -p $(RUNS)
 	$(PY) -m tests.bench.overhead $(BENCH_OVERHEAD_ARGS) --json $(RUNS)/bench-overhead.json
+
+# Triton's perf_analyzer in its own environment: the binary ships in the tritonclient 2.46 manylinux wheel
+# (later wheels need glibc 2.38; PyPI's perf-analyzer is a placeholder); it links libb64 (Debian) and
+# libcudart.so.12 (PyPI's nvidia-cuda-runtime-cu12), even on CPU.
+PERF_VENV := .venv-perf
+$(PERF_VENV)/.installed:
+	@dpkg -s libb64-0d >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libb64-0d >/dev/null; }
+	test -x $(PERF_VENV)/bin/python || $(PY_SYS) -m venv $(PERF_VENV)
+	$(PERF_VENV)/bin/pip install -q --no-deps "tritonclient==2.46.0" "nvidia-cuda-runtime-cu12==12.9.79"
+	chmod +x $(PERF_VENV)/bin/perf_analyzer
+	touch $@
+
+perf-analyzer: $(PERF_VENV)/.installed
+
+# The gateway in front of Triton vs perf_analyzer straight at Triton, 1/8/32 clients, paper size (issue 12).
+BENCH_THROUGHPUT_ARGS ?=
+bench-throughput: venv proto triton-env perf-analyzer
+	mkdir -p $(RUNS)
+	$(PY) -m tests.bench.throughput --perf-analyzer $(PERF_VENV)/bin/perf_analyzer $(BENCH_THROUGHPUT_ARGS) \
+	  --json $(RUNS)/bench-throughput.json
 
 # ---------------------------------------------------------------- demo
 demo: venv proto

@@ -171,8 +171,8 @@ def render(results: list[dict], command: str) -> str:
                   (f"- gateway RSS: {r['gateway_rss_mb']['idle']:.0f} MB idle, "
                    f"{list(r['gateway_rss_mb'].values())[1]:.0f} MB after {r['explains']} Explain requests on "
                    f"distinct images ({r['explains_per_s']} Explain/s, one client, no heatmaps)"), ""]
-    lines += ["Not measured here yet: throughput at 1/8/32 clients next to Triton's `perf_analyzer`, and the GPU "
-              "path (issue 12, open).", ""]
+    lines += ["Throughput at 1/8/32 clients next to Triton's `perf_analyzer`: [throughput.md](throughput.md) "
+              "(`make bench-throughput`). Not measured: the GPU path (issue 12).", ""]
     return "\n".join(lines)
 
 

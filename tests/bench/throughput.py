@@ -1,0 +1,179 @@
+"""`make bench-throughput`: the gateway in front of Triton against Triton's own load generator
+(`perf_analyzer` from tritonclient 2.46, `make perf-analyzer`) driven straight at Triton, at the
+same concurrencies, at the paper's size (random weights, `salfctl train random`) unless --repository.
+
+Per concurrency c (1, 8, 32 by default), interleaved in one run:
+- perf_analyzer -m salf_cbm -i grpc --concurrency-range c: images/s, p50/p99 latency (its own timers);
+- c client threads (this process) calling Predict on `salfctl serve --triton` (its own process) with a
+  224x224 PNG for a fixed time: images/s, p50/p99 client-side;
+- Triton's mean executed batch on each side (nv_inference_count / nv_inference_exec_count deltas).
+Writes the table to stdout and JSON with --json. A benchmark, not a test: compare ratios of one run.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _counters(metrics_url: str, model: str = "salf_cbm") -> tuple[float, float]:
+    text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
+    count = execs = 0.0
+    for line in text.splitlines():
+        if f'model="{model}"' not in line:
+            continue
+        if line.startswith("nv_inference_count{"):
+            count += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("nv_inference_exec_count{"):
+            execs += float(line.rsplit(" ", 1)[1])
+    return count, execs
+
+
+def _mean_batch(before, after) -> float:
+    d_count, d_exec = after[0] - before[0], after[1] - before[1]
+    return round(d_count / d_exec, 2) if d_exec else float("nan")
+
+
+def perf_analyzer(binary: Path, grpc_url: str, concurrency: int, interval_ms: int, work: Path) -> dict:
+    out = work / f"pa-{concurrency}.csv"
+    lib = next(binary.parent.parent.glob("lib/python*/site-packages/nvidia/cuda_runtime/lib"), None)
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{lib}:{os.environ.get('LD_LIBRARY_PATH', '')}" if lib else ""}
+    cmd = [str(binary), "-m", "salf_cbm", "-i", "grpc", "-u", grpc_url, "--concurrency-range", str(concurrency),
+           "--measurement-interval", str(interval_ms), "--percentile", "99", "--input-data", "random",
+           "--max-trials", "6", "-s", "100", "-f", str(out)]  # -s 100: a noisy 2-core box; take the measurement
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"perf_analyzer failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}")
+    row = next(csv.DictReader(out.open()))
+    return {"images_per_s": round(float(row["Inferences/Second"]), 2),
+            "p50_ms": round(float(row["p50 latency"]) / 1000.0, 1), "p99_ms": round(float(row["p99 latency"]) / 1000.0, 1)}
+
+
+def gateway_load(url: str, concurrency: int, seconds: float, image: bytes) -> dict:
+    from clients.client import SalfClient
+
+    latencies: list[float] = []
+    errors = []
+    lock = threading.Lock()
+    start = threading.Barrier(concurrency + 1)
+    end_at = [0.0]
+
+    def worker():
+        with SalfClient(url, timeout=60) as c:
+            c.predict(image)  # connect before the clock starts
+            start.wait()
+            while time.monotonic() < end_at[0]:
+                t = time.perf_counter()
+                try:
+                    c.predict(image)
+                except Exception as exc:  # counted, reported
+                    errors.append(repr(exc))
+                    continue
+                with lock:
+                    latencies.append(time.perf_counter() - t)
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    end_at[0] = time.monotonic() + seconds + 1e9  # set properly once everyone is connected
+    start.wait()
+    t0 = time.monotonic()
+    end_at[0] = t0 + seconds
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - t0
+    a = np.asarray(latencies) * 1000.0
+    return {"images_per_s": round(len(latencies) / elapsed, 2), "p50_ms": round(float(np.percentile(a, 50)), 1),
+            "p99_ms": round(float(np.percentile(a, 99)), 1), "errors": len(errors)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--perf-analyzer", type=Path, required=True)
+    ap.add_argument("--repository", type=Path, default=None)
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "throughput.md")
+    args = ap.parse_args(argv)
+
+    from export.triton_server import TritonServer
+    from tests.fixtures.gateway import encode, sample_image, start_salfctl_serve
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="salf-bench-") as tmp:
+        work = Path(tmp)
+        repo = args.repository
+        if repo is None:
+            exe = str(Path(sys.executable).parent / "salfctl")
+            subprocess.run([exe, "train", "random", "--config", "imagenet-rn50", "--out", work / "bundle"], check=True,
+                           cwd=ROOT, capture_output=True)
+            repo = work / "model_repository"
+            subprocess.run([exe, "export", work / "bundle", "--out", repo, "--flavour", "python", "--no-parity"],
+                           check=True, cwd=ROOT, capture_output=True)
+        config = (repo / "salf_cbm" / "config.pbtxt").read_text()
+        triton = TritonServer(repo, log_path=work / "triton.log").start()
+        serve = start_salfctl_serve(repo, work / "serve.log", extra=["--triton", triton.grpc_url])
+        meta = json.loads((repo / "salf_model.json").read_text())
+        image = encode(sample_image(0, tuple(meta["input_size"])), "PNG")
+        try:
+            for c in [int(x) for x in args.concurrency.split(",")]:
+                before = _counters(triton.metrics_url)
+                pa = perf_analyzer(args.perf_analyzer, triton.grpc_url, c, int(args.seconds * 1000 / 2), work)
+                middle = _counters(triton.metrics_url)
+                gw = gateway_load(serve.url, c, args.seconds, image)
+                after = _counters(triton.metrics_url)
+                pa["mean_batch"], gw["mean_batch"] = _mean_batch(before, middle), _mean_batch(middle, after)
+                row = {"concurrency": c, "perf_analyzer": pa, "gateway": gw,
+                       "throughput_ratio": round(gw["images_per_s"] / pa["images_per_s"], 3),
+                       "p99_ratio": round(gw["p99_ms"] / pa["p99_ms"], 3)}
+                results.append(row)
+                print(json.dumps(row), flush=True)
+        finally:
+            serve.stop()
+            triton.stop()
+    batching = [line.strip() for line in config.splitlines() if "queue_delay" in line or "preferred" in line
+                or "max_batch_size" in line]
+    table = ["| clients | perf_analyzer img/s | p50 ms | p99 ms | Triton batch | gateway img/s | p50 ms | p99 ms | "
+             "Triton batch | img/s ratio | p99 ratio |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        pa, gw = r["perf_analyzer"], r["gateway"]
+        table.append(f"| {r['concurrency']} | {pa['images_per_s']} | {pa['p50_ms']} | {pa['p99_ms']} | "
+                     f"{pa['mean_batch']} | {gw['images_per_s']} | {gw['p50_ms']} | {gw['p99_ms']} | {gw['mean_batch']} | "
+                     f"{r['throughput_ratio']} | {r['p99_ratio']} |")
+    print("\n".join(["", f"Triton config: {'; '.join(batching)}", *table]))
+    if args.doc:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "")
+        model = str(args.repository) if args.repository else "the paper's size, random weights (salfctl train random)"
+        args.doc.write_text("\n".join([
+            "# Throughput: the gateway in front of Triton vs perf_analyzer straight at Triton", "",
+            f"Generated by `make bench-throughput` (tests/bench/throughput.py) on "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu}, {os.cpu_count()} cores. Do not edit: "
+            "rerun the benchmark. Figures vary with the machine and its load; compare the ratios of one run.", "",
+            f"Model: {model}; Triton (python-backend flavour) `salf_cbm` config: {'; '.join(batching)}. "
+            f"perf_analyzer (tritonclient 2.46) sends random uint8 224x224x3 tensors over gRPC with c requests in "
+            f"flight; the gateway side is c client threads calling Predict with a 224x224 PNG on `salfctl serve "
+            f"--triton` for {args.seconds:g} s; Triton batch = its executed-batch mean over each side's window.", "",
+            "Targets (issue 12): gateway images/s >= 0.95x perf_analyzer's, gateway p99 <= 1.2x Triton's.", "",
+            *table, ""]))
+        print(f"wrote {args.doc}", file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps({"config": batching, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
