@@ -190,3 +190,15 @@ class SalfClient:
                   timeout: float | None = None):
         req = self.pb.InterveneRequest(explanation_id=explanation_id, image=image, edits=edits, top_k=top_k)
         return self._call(self.stub.Intervene, req, timeout)
+
+
+def by_explanation_id(call, explanation_id: str, image: bytes):
+    """``call(explanation_id, image)`` with the id alone; once more with the image when the gateway no
+    longer holds the id (expired, evicted, restarted: NOT_FOUND). No id: with the image at once."""
+    if explanation_id:
+        try:
+            return call(explanation_id, b"")
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+    return call(explanation_id, image)

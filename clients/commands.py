@@ -84,13 +84,18 @@ def _error_row(item, exc) -> dict:
     return {"image": str(item), "error": {"code": exc.code().name, "message": exc.details()}}
 
 
+def folder_files(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    """The files under ``folder`` with ``suffixes`` (any case), recursive, sorted by path."""
+    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+
+
 def expand_inputs(paths: list[Path], suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
     """Files as given; each folder replaced by its files with ``suffixes`` (recursive, sorted by path).
     A folder with none of them is a usage error."""
     out: list[Path] = []
     for p in paths:
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+            found = folder_files(p, suffixes)
             if not found:
                 raise typer.BadParameter(f"{p} holds no {', '.join(suffixes)} file")
             out.extend(found)
@@ -520,14 +525,10 @@ def _explain_one(client, image: Path, region, class_name, top_k, out: Optional[P
 
 def _region_by_id(client, region, explanation_id: str, data: bytes, top_k: int):
     """ExplainRegion on the cached maps; resend the image only if the id expired meanwhile."""
-    import grpc
+    from .client import by_explanation_id
 
-    try:
-        return client.explain_region(region, explanation_id=explanation_id, top_k=top_k)
-    except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.NOT_FOUND:
-            raise
-        return client.explain_region(region, explanation_id=explanation_id, image=data, top_k=top_k)
+    return by_explanation_id(lambda eid, image: client.explain_region(region, explanation_id=eid, image=image,
+                                                                      top_k=top_k), explanation_id, data)
 
 
 def explain_region(images: Images, roi: Roi = None, box: Box = None, point: Points = None, radius: Radius = 0.0,

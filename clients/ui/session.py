@@ -31,9 +31,9 @@ from salf.contract.files import sha256_bytes
 from salf.contract.images import decode_image, decode_mask, encode_png
 from salf.contract.regions import box_mask, default_radius, points_mask
 
-from ..commands import GEOMETRY_RULE, message_dict
+from ..client import by_explanation_id
+from ..commands import GEOMETRY_RULE, folder_files, message_dict
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MAX_IMAGES = 64          # images the page opened that stay addressable (least recently used dropped)
 MAX_FOLDER = 5000        # images listed from --images DIR
 MAX_PIXELS = 40_000_000  # the gateway's default cap: larger files are refused before decoding
@@ -75,8 +75,7 @@ def list_folder(folder: Path | None) -> list[Path]:
     """Image files under ``folder`` (recursive, sorted by path; at most :data:`MAX_FOLDER`)."""
     if folder is None:
         return []
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    return files[:MAX_FOLDER]
+    return folder_files(folder)[:MAX_FOLDER]
 
 
 def thumbnail_png(rgb: np.ndarray, longest: int = THUMB) -> bytes:
@@ -192,17 +191,6 @@ class Explorer:
 
     # ---------------------------------------------------------- gateway calls
 
-    def _by_id(self, img: OpenImage, explanation_id: str, call):
-        """``call(explanation_id, image_bytes)`` with the id alone; once more with the image if the gateway
-        no longer holds the id."""
-        if explanation_id:
-            try:
-                return call(explanation_id, b"")
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.NOT_FOUND:
-                    raise
-        return call(explanation_id, img.data)
-
     def explain(self, key: str, class_name: str | None = None, top_k: int = 0) -> dict:
         img = self.image(key)
         r = self.client.explain(img.data, class_name=class_name or None, top_k=top_k, heatmaps="none")
@@ -214,8 +202,8 @@ class Explorer:
     def explain_region(self, key: str, explanation_id: str, region: dict, top_k: int = 0) -> dict:
         img = self.image(key)
         pb_region, mask = self.region(img, region)
-        r = self._by_id(img, explanation_id, lambda eid, data: self.client.explain_region(
-            pb_region, explanation_id=eid, image=data, top_k=top_k))
+        r = by_explanation_id(lambda eid, data: self.client.explain_region(
+            pb_region, explanation_id=eid, image=data, top_k=top_k), explanation_id, img.data)
         return {**message_dict(r), "area": int(mask.sum())}
 
     def intervene(self, key: str, explanation_id: str, region: dict, edits: list, top_k: int = 0) -> dict:
@@ -228,8 +216,8 @@ class Explorer:
             pb_edits = [self.client.edit(pb_region, float(e["beta"]), str(e["concept"])) for e in edits]
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"each edit needs a concept and a beta: {exc}") from exc
-        r = self._by_id(img, explanation_id, lambda eid, data: self.client.intervene(
-            pb_edits, explanation_id=eid, image=data, top_k=top_k))
+        r = by_explanation_id(lambda eid, data: self.client.intervene(
+            pb_edits, explanation_id=eid, image=data, top_k=top_k), explanation_id, img.data)
         doc = message_dict(r)
         doc["logit_deltas"] = dict(zip(self.client.info.classes, doc["logit_deltas"]))
         doc["edits"] = [{"concept": str(e["concept"]), "beta": float(e["beta"])} for e in edits]

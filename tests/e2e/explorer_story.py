@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -68,17 +67,10 @@ def find_story(client, data: Path) -> dict | None:
 def in_browser(story: dict, ui_url: str, folder: Path, screenshot: Path) -> dict:
     from playwright.sync_api import sync_playwright
 
-    from tests.fixtures.browser import CHROMIUM, CHROMIUM_FLAGS
+    from clients.ui.session import list_folder
+    from tests.fixtures.browser import CHROMIUM, CHROMIUM_FLAGS, until
 
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() == ".png")
-    index = files.index(Path(story["image"]))
-
-    def until(page, expression: str, timeout_s: float = 30.0) -> None:
-        end = time.monotonic() + timeout_s
-        while not page.evaluate(expression):
-            if time.monotonic() > end:
-                raise TimeoutError(expression)
-            time.sleep(0.05)
+    index = list_folder(folder).index(Path(story["image"]))  # the explorer's own folder order
 
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)

@@ -14,7 +14,6 @@ import io
 import json
 import os
 import threading
-import time
 from http.client import HTTPConnection
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.fixtures.browser import start_salfctl_ui
+from tests.fixtures.browser import start_salfctl_ui, until as _until
 from tests.fixtures.gateway import free_port, wait_for_health
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -66,16 +65,6 @@ def client(gateway_url):
 
 def _test_image(synth_data: Path) -> Path:
     return sorted((synth_data / "test").rglob("*.png"))[0]
-
-
-def _until(page, expression: str, timeout_s: float = 20.0) -> None:
-    """Poll ``expression`` with ``page.evaluate`` (DevTools, not the page's eval, which its CSP forbids:
-    Playwright's own wait_for_function would need 'unsafe-eval')."""
-    end = time.monotonic() + timeout_s
-    while not page.evaluate(expression):
-        if time.monotonic() > end:
-            raise TimeoutError(f"still false after {timeout_s}s: {expression}")
-        time.sleep(0.05)
 
 
 def _open_page(page, url: str) -> None:
