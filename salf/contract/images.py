@@ -26,7 +26,9 @@ and a mask without alpha, selects its non-zero grey pixels.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -199,13 +201,35 @@ def decode_mask(source: Source, image_size: tuple[int, int] | None = None, max_p
     return mask
 
 
+_PNG_COLOUR_TYPE = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type (grey, RGB, RGBA), 8 bits each
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:
-    """uint8 ``[H, W]`` or ``[H, W, 3|4]`` -> PNG bytes (lossless at every level). Level 1, not Pillow's
-    6: a 500x375 heatmap encodes in 2.9 ms instead of 10.3 ms for 28 KB instead of 19 KB (measured); at
-    the paper's size the five heatmaps of an Explain were 28% of its time at level 6 (py-spy)."""
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()
+    """uint8 ``[H, W]`` or ``[H, W, 3|4]`` -> PNG bytes (lossless at every level).
+
+    Written here with zlib rather than through Pillow, for a measured reason: every row uses PNG's "Sub"
+    filter (each byte minus the one a pixel to its left, mod 256), which suits smooth heatmaps, and
+    there is no per-image Pillow overhead. A 500x375 heatmap: 0.84 ms and 20 KB against Pillow's 2.6 ms
+    and 31 KB at the same zlib level 1; 112x112: 0.08 ms against 0.40 ms (measured once on the 2-core
+    EPYC, 2026-12-06; at the paper's size the five heatmaps of an Explain were 28% of its time at
+    Pillow's default level 6, and most of a demo-size Explain's gateway time after it). Any PNG decoder reads it; tests/unit/test_images.py checks it against Pillow's."""
+    a = np.asarray(array)
+    channels = 1 if a.ndim == 2 else (a.shape[2] if a.ndim == 3 else 0)
+    if a.dtype != np.uint8 or channels not in _PNG_COLOUR_TYPE or a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"encode_png takes a non-empty uint8 [H, W] or [H, W, 3|4] array, got {a.dtype} {a.shape}")
+    h, w = a.shape[:2]
+    rows = np.ascontiguousarray(a).reshape(h, w * channels)
+    raw = np.empty((h, w * channels + 1), dtype=np.uint8)
+    raw[:, 0] = 1  # filter type Sub
+    raw[:, 1:channels + 1] = rows[:, :channels]
+    np.subtract(rows[:, channels:], rows[:, :-channels], out=raw[:, channels + 1:])  # uint8: wraps mod 256
+    header = struct.pack(">IIBBBBB", w, h, 8, _PNG_COLOUR_TYPE[channels], 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header)
+            + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), compress_level)) + _png_chunk(b"IEND", b""))
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

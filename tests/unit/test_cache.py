@@ -105,3 +105,22 @@ def test_byte_bound_counts_expired_and_evicted_entries():
 def test_byte_bound_needs_size_of():
     with pytest.raises(ValueError):
         TTLCache(10, 1.0, max_bytes=100)
+
+
+def test_expiry_follows_insertion_not_use_order():
+    """A get makes an entry recently used but does not renew it: it still expires first, and a re-put
+    renews it (expiry looks only at the oldest insertions, so these orders must be kept apart)."""
+    clock = Clock()
+    cache = TTLCache(10, 5.0, clock=clock)
+    cache.put("a", 1)
+    clock.now = 1.0
+    cache.put("b", 2)
+    cache.put("c", 3)
+    assert cache.get("a") == 1  # a is now the most recently used, and still the first to expire
+    clock.now = 5.5
+    cache.put("c", 30)  # renewed: expires at 10.5
+    assert cache.get("a") is None and cache.get("b") == 2 and len(cache) == 2
+    clock.now = 6.0
+    assert len(cache) == 1 and cache.get("b") is None and cache.get("c") == 30
+    clock.now = 10.5
+    assert len(cache) == 0 and cache.bytes == 0

@@ -132,3 +132,26 @@ def test_large_jpegs_decode_at_reduced_scale_with_their_own_size():
     full = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((112, 112), Image.BILINEAR))
     assert np.abs(d.model_input.astype(int) - full.astype(int)).mean() < 3.0
     assert load_image(data, (112, 112)).tobytes() == d.model_input.tobytes()  # one path for everyone
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (1, 7), (17, 23), (375, 500), (9, 11, 3), (5, 4, 4), (1, 1, 3)])
+def test_encode_png_round_trips_through_pillow(shape):
+    from salf.contract.images import encode_png
+
+    rng = np.random.default_rng(sum(shape))
+    noise = rng.integers(0, 256, shape, dtype=np.uint8)  # every byte value, so Sub's mod-256 wrap is exercised
+    ramp = (np.arange(int(np.prod(shape))) % 256).astype(np.uint8).reshape(shape)
+    for a in (noise, ramp, np.zeros(shape, np.uint8), np.full(shape, 255, np.uint8)):
+        for level in (0, 1, 9):
+            with Image.open(io.BytesIO(encode_png(a, level))) as im:
+                assert im.format == "PNG" and im.mode == {2: "L", 3: "RGB", 4: "RGBA"}[a.ndim if a.ndim == 2 else a.shape[2]]
+                np.testing.assert_array_equal(np.asarray(im), a)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((4, 4), np.uint16), np.zeros((4, 4, 2), np.uint8), np.zeros((0, 4), np.uint8),
+                                 np.zeros(4, np.uint8), np.zeros((4, 4), np.float32)])
+def test_encode_png_refuses_what_it_cannot_write(bad):
+    from salf.contract.images import encode_png
+
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(bad)
