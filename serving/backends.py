@@ -11,7 +11,6 @@ and passes the request's remaining deadline as ``client_timeout``.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Callable
 
@@ -20,6 +19,7 @@ import numpy as np
 from salf.contract.repository import (CBM_MODEL, CBM_OUTPUTS, CONCEPT_MAPS as HEAD_INPUT, HEAD_MODEL, HEAD_OUTPUTS,
                                       IMAGE as CBM_INPUT, ModelSpec)
 
+from .budget import ALARMS
 from .errors import BackendUnavailable, DeadlineExceeded
 
 log = logging.getLogger(__name__)
@@ -125,9 +125,7 @@ class EmbeddedBackend(Backend):
         options = self._ort.RunOptions()
         timer = None
         if timeout_s is not None:
-            timer = threading.Timer(timeout_s, setattr, (options, "terminate", True))
-            timer.daemon = True
-            timer.start()
+            timer = ALARMS.arm(timeout_s, lambda: setattr(options, "terminate", True))
         try:
             return self._sessions[model].run(list(outputs), feeds, run_options=options)
         except Exception as exc:

@@ -327,14 +327,16 @@ class Gateway:
                 raise InvalidArgument(f"edit {n}: {exc}") from None
             union |= mask
             grid_edits.append((m, float(e.beta), explain.grid_coverage(mask, self.spec.grid, check=budget.check)))
-        edited = explain.apply_edits(entry.maps, grid_edits)
+        # The head's batch: [0] the maps as they are, [1] edited (written in place: no further copies).
+        batch = np.empty((2, *entry.maps.shape), dtype=np.float32)
+        batch[0] = entry.maps
+        edited = explain.apply_edits(entry.maps, grid_edits, out=batch[1])
         # A finite but huge beta (float32 reaches 3.4e38) overflows the maps or the head's pooling and
         # standardisation to inf, and the answer to NaN probabilities: refuse it as the user error it is.
         betas = ", ".join(f"{e.beta:g}" for e in edits)
-        if not np.isfinite(edited).all():
+        if not np.isfinite(edited[sorted({m for m, _, _ in grid_edits})]).all():
             raise InvalidArgument(f"beta too large: the edited concept maps overflow float32 (betas {betas})")
-        _, logits = self.backend.infer_head(np.stack([entry.maps, edited]).astype(np.float32),
-                                            budget.left("the head"))
+        _, logits = self.backend.infer_head(batch, budget.left("the head"))
         before, after = logits[0], logits[1]
         if not np.isfinite(after).all():
             raise InvalidArgument(f"beta too large: the head's logits on the edited maps are not finite (betas {betas})")

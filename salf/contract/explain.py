@@ -106,13 +106,25 @@ def grid_coverage(mask: np.ndarray, grid: tuple[int, int], check=None) -> np.nda
     return _sandwich(ay, mask, ax.T, check)
 
 
-def apply_edits(maps: np.ndarray, edits: list[tuple[int, float, np.ndarray]]) -> np.ndarray:
+def apply_edits(maps: np.ndarray, edits: list[tuple[int, float, np.ndarray]], out: np.ndarray | None = None
+                ) -> np.ndarray:
     """Local intervention (paper 3.6): for each ``(concept m, beta, I_grid [Gh, Gw])``,
-    ``c[m] += beta * I_grid``. ``maps`` ``[M, Gh, Gw]`` is not modified; returns float32 edited maps."""
-    edited = maps.astype(np.float64, copy=True)
+    ``c[m] += beta * I_grid``. ``maps`` ``[M, Gh, Gw]`` is not modified; returns float32 edited maps
+    (written into ``out`` when given, a float32 array of the maps' shape). Each edited concept's map
+    is summed in float64 and rounded once, however many edits it has; the others are copied as they are."""
+    if out is None:
+        edited = maps.astype(np.float32, copy=True)
+    else:
+        np.copyto(out, maps)
+        edited = out
+    rows: dict[int, np.ndarray] = {}
     for m, beta, region in edits:
-        edited[m] += beta * region
-    return edited.astype(np.float32)
+        if m not in rows:
+            rows[m] = maps[m].astype(np.float64, copy=True)
+        rows[m] += beta * region
+    for m, row in rows.items():
+        edited[m] = row
+    return edited
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

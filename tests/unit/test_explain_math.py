@@ -79,6 +79,24 @@ def test_apply_edits_adds_beta_times_region_and_leaves_input_alone():
     np.testing.assert_allclose(edited[2], 4 * region)
 
 
+
+def test_apply_edits_rounds_each_edited_map_once_and_writes_into_out():
+    """Same values as summing every edit in float64 over the whole stack and rounding once (the
+    definition), whether the result is a new array or written into the caller's ``out``."""
+    rng = np.random.default_rng(3)
+    maps = rng.standard_normal((6, 3, 4)).astype(np.float32)
+    edits = [(m, float(b), rng.random((3, 4))) for m, b in ((1, 0.3), (4, -2.5), (1, 1e-3), (1, 7.0))]
+    reference = maps.astype(np.float64)
+    for m, beta, region in edits:
+        reference[m] += beta * region
+    reference = reference.astype(np.float32)
+    np.testing.assert_array_equal(explain.apply_edits(maps, edits), reference)
+    out = np.full((2, 6, 3, 4), np.nan, np.float32)
+    returned = explain.apply_edits(maps, edits, out=out[1])
+    assert np.shares_memory(returned, out)
+    np.testing.assert_array_equal(out[1], reference)
+    assert np.isnan(out[0]).all()
+
 def _numpy_head(maps, weight, bias, mean, std):
     scores = (maps.reshape(maps.shape[0], -1).mean(axis=1) - mean) / std
     return weight @ scores + bias
