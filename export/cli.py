@@ -40,6 +40,10 @@ def export(
     rtol: float = typer.Option(1e-4, "--rtol", help="parity: tolerance relative to max |torch output|"),
     exporter: str = typer.Option("auto", "--exporter",
                                  help="auto (TorchScript, dynamo if tracing fails) | torchscript | dynamo"),
+    maps_dtype: str = typer.Option("float32", "--maps-dtype",
+                                   help="float32 | float16: the concept maps out of salf_cbm and into salf_head (float16 "
+                                        "halves them on the Triton hop and in the gateway cache; predictions unchanged; "
+                                        "docs/DESIGN.md 'Maps dtype')"),
     max_batch_size: int = typer.Option(32, "--max-batch-size"),
     max_queue_delay_us: int = typer.Option(2000, "--max-queue-delay-us", help="dynamic batcher delay (µs)"),
     instance_kind: str = typer.Option("auto", "--instance-kind", help="auto | cpu | gpu"),
@@ -64,7 +68,8 @@ def export(
         bundle = bundle / "bundle"  # a training run folder (docs/DESIGN.md, "Training run layout")
     options.validate()
     report = export_repository(bundle, out, flavour=flavour, parity=parity, parity_images=parity_images,
-                               options=options, tolerance=Tolerance(atol=atol, rtol=rtol), exporter=exporter)
+                               options=options, tolerance=Tolerance(atol=atol, rtol=rtol), exporter=exporter,
+                               maps_dtype=maps_dtype)
     doc = report.to_dict()
     if report_json:
         report_json.write_text(json.dumps(doc, indent=2) + "\n")

@@ -56,6 +56,39 @@ class UInt8SalfCBM(nn.Module):
         return self.model(normalize_uint8(image, self.mean, self.std))
 
 
+MAPS_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+class MapsCast(nn.Module):
+    """``salf_cbm`` with its ``concept_maps`` output cast to ``dtype`` (scores and logits are computed
+    from the float32 maps before the cast, so predictions do not change): docs/DESIGN.md "Maps dtype"."""
+
+    def __init__(self, cbm: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.cbm, self.dtype = cbm, dtype
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        maps, scores, logits = self.cbm(image)
+        return maps.to(self.dtype), scores, logits
+
+
+class HeadFromMaps(nn.Module):
+    """``salf_head`` taking its maps in ``dtype`` (the maps dtype of ``salf_cbm``) and computing in float32."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(maps.float())
+
+
+def _maps_dtype(maps_dtype: str) -> torch.dtype:
+    if maps_dtype not in MAPS_TORCH_DTYPES:
+        raise ValueError(f"maps dtype must be one of {tuple(MAPS_TORCH_DTYPES)}, got {maps_dtype!r}")
+    return MAPS_TORCH_DTYPES[maps_dtype]
+
+
 EXPORTERS = ("auto", "torchscript", "dynamo")
 
 
@@ -161,23 +194,28 @@ def check_graph(path: Path, inputs: tuple[str, ...], outputs: tuple[str, ...]) -
 
 
 def export_cbm(model: SalfCBM, mean, std, input_size: tuple[int, int], path: Path,
-               opset: int = OPSET, exporter: str = "auto") -> str:
-    """Write ``salf_cbm``'s graph (uint8 image in, maps/scores/logits out) to ``path``; returns the
-    exporter used."""
+               opset: int = OPSET, exporter: str = "auto", maps_dtype: str = "float32") -> str:
+    """Write ``salf_cbm``'s graph (uint8 image in, maps in ``maps_dtype``, float32 scores/logits out) to
+    ``path``; returns the exporter used."""
     h, w = (int(v) for v in input_size)
     example = torch.randint(0, 256, (2, h, w, 3), dtype=torch.uint8)
-    used = _export(UInt8SalfCBM(model, mean, std), example, path, CBM_INPUTS, CBM_OUTPUTS, opset, exporter)
+    module: nn.Module = UInt8SalfCBM(model, mean, std)
+    if _maps_dtype(maps_dtype) != torch.float32:
+        module = MapsCast(module, _maps_dtype(maps_dtype))
+    used = _export(module, example, path, CBM_INPUTS, CBM_OUTPUTS, opset, exporter)
     check_graph(path, CBM_INPUTS, CBM_OUTPUTS)
     log.info("exported salf_cbm (opset %d, %s exporter) to %s", opset, used, path)
     return used
 
 
 def export_head(head: SalfHead, num_concepts: int, grid: tuple[int, int], path: Path,
-                opset: int = OPSET, exporter: str = "auto") -> str:
-    """Write ``salf_head``'s graph (concept maps in, scores/logits out) to ``path``; returns the
-    exporter used."""
-    example = torch.randn(2, int(num_concepts), int(grid[0]), int(grid[1]))
-    used = _export(head, example, path, HEAD_INPUTS, HEAD_OUTPUTS, opset, exporter)
+                opset: int = OPSET, exporter: str = "auto", maps_dtype: str = "float32") -> str:
+    """Write ``salf_head``'s graph (concept maps in ``maps_dtype`` in, float32 scores/logits out) to
+    ``path``; returns the exporter used."""
+    dtype = _maps_dtype(maps_dtype)
+    example = torch.randn(2, int(num_concepts), int(grid[0]), int(grid[1])).to(dtype)
+    module: nn.Module = head if dtype == torch.float32 else HeadFromMaps(head)
+    used = _export(module, example, path, HEAD_INPUTS, HEAD_OUTPUTS, opset, exporter)
     check_graph(path, HEAD_INPUTS, HEAD_OUTPUTS)
     log.info("exported salf_head (opset %d, %s exporter) to %s", opset, used, path)
     return used

@@ -19,6 +19,12 @@ maps. The figure per output is the max abs difference; every element must be wit
   ``salf_head``, which gets identical maps).
 - ``logits``:         ``atol + rtol * max|logits| + |W| @ score_bound`` (the head is linear).
 
+With float16 maps (``maps_dtype``, docs/DESIGN.md "Maps dtype") the maps bound adds float16's own
+rounding, ``2^-11 * |torch map| + 2^-25`` per element (half an ulp, subnormals included); a map beyond
+float16's range (65504) is inf and fails. ``salf_head`` is then fed the float16 maps and compared with
+torch's head on the same values; ``salf_cbm``'s scores and logits are computed from the float32 maps
+inside the graph and keep their float32 bounds.
+
 The figures reported are the max abs differences and the worst ``diff / bound`` ratio (< 1 passes).
 """
 from __future__ import annotations
@@ -43,6 +49,8 @@ RTOL = 1e-4
 MAPS_ATOL = 1e-7  # measured torch-vs-onnxruntime maps differences: ~1e-6 of max|maps| (tiny CNN and ViT)
 ULPS = 16  # rounding budget of pooling + standardisation, in fp32 ulps of the pooled value
 EPS32 = float(np.finfo(np.float32).eps)
+FP16_HALF_ULP = 2.0 ** -11  # float16 round-to-nearest: relative error of a normal value
+FP16_SUBNORMAL = 2.0 ** -25  # absolute error below float16's smallest normal (2^-14)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -133,19 +141,26 @@ def _compare(key: str, got: np.ndarray, ref: np.ndarray, bound, figures: dict, r
 
 
 def _compare_batch(set_name: str, batch: np.ndarray, model: SalfCBM, wrapped: UInt8SalfCBM, cbm, head,
-                   tol: Tolerance, figures: dict, ratios: dict, failures: list[str]) -> None:
+                   tol: Tolerance, figures: dict, ratios: dict, failures: list[str], maps_dtype: str = "float32") -> None:
     with torch.no_grad():
         maps, scores, logits = (t.numpy() for t in wrapped(torch.from_numpy(batch)))
-        h_scores, h_logits = (t.numpy() for t in model.head(torch.from_numpy(maps)))
+        head_maps = maps.astype(maps_dtype)  # what salf_head receives from salf_cbm
+        h_scores, h_logits = (t.numpy() for t in model.head(torch.from_numpy(head_maps.astype(np.float32))))
     got = dict(zip(CBM_OUTPUTS, cbm.run(list(CBM_OUTPUTS), {IMAGE: batch})))
     prefix = f"{set_name}/salf_cbm"
-    _compare(f"{prefix}/concept_maps", got["concept_maps"], maps, tol.maps_bound(maps), figures, ratios, failures)
+    maps_bound = tol.maps_bound(maps)
+    if maps_dtype == "float16":
+        maps_bound = maps_bound + FP16_HALF_ULP * np.abs(maps.astype(np.float64)) + FP16_SUBNORMAL
+        if got["concept_maps"].dtype != np.float16:
+            failures.append(f"{prefix}/concept_maps: dtype {got['concept_maps'].dtype}, expected float16")
+    _compare(f"{prefix}/concept_maps", got["concept_maps"], maps, maps_bound, figures, ratios, failures)
     if got["concept_maps"].shape == maps.shape:
-        pooled_err = 2.0 * np.abs(got["concept_maps"] - maps).reshape(len(batch), maps.shape[1], -1).max(axis=(0, 2))
+        pooled_err = 2.0 * np.abs(got["concept_maps"].astype(np.float32) - maps.astype(maps_dtype).astype(np.float32)
+                                  ).reshape(len(batch), maps.shape[1], -1).max(axis=(0, 2))
         s_bound, l_bound = _head_bounds(scores, logits, model, tol, pooled_err)
         _compare(f"{prefix}/concept_scores", got["concept_scores"], scores, s_bound, figures, ratios, failures)
         _compare(f"{prefix}/logits", got["logits"], logits, l_bound, figures, ratios, failures)
-    got_head = dict(zip(HEAD_OUTPUTS, head.run(list(HEAD_OUTPUTS), {CONCEPT_MAPS: maps})))
+    got_head = dict(zip(HEAD_OUTPUTS, head.run(list(HEAD_OUTPUTS), {CONCEPT_MAPS: head_maps})))
     s_bound, l_bound = _head_bounds(h_scores, h_logits, model, tol)
     prefix = f"{set_name}/salf_head"
     _compare(f"{prefix}/concept_scores", got_head["concept_scores"], h_scores, s_bound, figures, ratios, failures)
@@ -154,7 +169,7 @@ def _compare_batch(set_name: str, batch: np.ndarray, model: SalfCBM, wrapped: UI
 
 def check_parity(model: SalfCBM, mean, std, input_size: tuple[int, int], cbm_path: Path, head_path: Path,
                  real_images: np.ndarray | None = None, batch_sizes: tuple[int, ...] = (1, 7),
-                 tolerance: Tolerance | None = None, seed: int = 0) -> dict:
+                 tolerance: Tolerance | None = None, seed: int = 0, maps_dtype: str = "float32") -> dict:
     """Compare torch and onnxruntime; returns the figures, raises :class:`ExportError` on a failure.
 
     ``real_images``: uint8 ``[N, H, W, 3]`` (see :func:`load_images`). Returns
@@ -176,11 +191,11 @@ def check_parity(model: SalfCBM, mean, std, input_size: tuple[int, int], cbm_pat
     failures: list[str] = []
     for set_name, images in sets.items():
         for batch in _batches(images, batch_sizes):
-            _compare_batch(set_name, batch, model, wrapped, cbm, head, tol, figures, ratios, failures)
-    result = {"atol": tol.atol, "rtol": tol.rtol, "maps_atol": tol.maps_atol, "ulps": ULPS,
+            _compare_batch(set_name, batch, model, wrapped, cbm, head, tol, figures, ratios, failures, maps_dtype)
+    result = {"atol": tol.atol, "rtol": tol.rtol, "maps_atol": tol.maps_atol, "ulps": ULPS, "maps_dtype": maps_dtype,
               "batch_sizes": list(batch_sizes),
               "image_sets": list(sets), "max_abs_diff": figures, "ratio": ratios}
     if failures:
-        raise ExportError("ONNX parity failed (torch vs onnxruntime, fp32): " + "; ".join(failures))
+        raise ExportError(f"ONNX parity failed (torch vs onnxruntime, {maps_dtype} maps): " + "; ".join(failures))
     log.info("parity passed: %s", ", ".join(f"{k}={v:.2e}" for k, v in figures.items()))
     return result

@@ -234,7 +234,7 @@ def _write_side_files(staging: Path, version: int, model, meta: BundleMeta, bund
 
 def export_repository(bundle_dir: str | Path, out_dir: str | Path, flavour: str = "onnxruntime",
                       parity: bool = True, parity_images=None, options: TritonOptions | None = None,
-                      tolerance=None, exporter: str = "auto") -> ExportReport:
+                      tolerance=None, exporter: str = "auto", maps_dtype: str = "float32") -> ExportReport:
     """Export a bundle to a Triton model repository; returns an :class:`ExportReport`.
 
     ``flavour``: ``"onnxruntime"`` (native backend) or ``"python"`` (model.py + onnxruntime).
@@ -242,9 +242,15 @@ def export_repository(bundle_dir: str | Path, out_dir: str | Path, flavour: str 
     a folder or a list of image files) and raise :class:`ExportError` if a figure is over ``tolerance``
     (:class:`export.parity.Tolerance`, default atol = rtol = 1e-4); nothing in ``out_dir`` changes then.
     ``exporter``: ``auto`` (TorchScript, dynamo when tracing fails), ``torchscript`` or ``dynamo``.
+    ``maps_dtype``: ``float32`` or ``float16`` concept maps out of ``salf_cbm`` and into ``salf_head``
+    (half the bytes on the Triton hop and in the gateway's cache; docs/DESIGN.md "Maps dtype").
     """
     if flavour not in FLAVOURS:
         raise ValueError(f"unknown flavour {flavour!r}; choose one of {FLAVOURS}")
+    if maps_dtype not in contract.MAPS_DTYPES:
+        raise ValueError(f"unknown maps dtype {maps_dtype!r}; choose one of {contract.MAPS_DTYPES}")
+    if maps_dtype not in contract.MAPS_DTYPES:
+        raise ValueError(f"unknown maps dtype {maps_dtype!r}; choose one of {contract.MAPS_DTYPES}")
     opts = options or TritonOptions()
     opts.validate()
     started = time.perf_counter()
@@ -260,15 +266,15 @@ def export_repository(bundle_dir: str | Path, out_dir: str | Path, flavour: str 
     try:
         paths = {name: staging / name / str(version) / ONNX_FILE for name in MODELS}
         exporters = {CBM_MODEL: export_cbm(model, spec.mean, spec.std, spec.input_size, paths[CBM_MODEL],
-                                           exporter=exporter),
+                                           exporter=exporter, maps_dtype=maps_dtype),
                      HEAD_MODEL: export_head(model.head, len(meta.concepts), meta.grid, paths[HEAD_MODEL],
-                                             exporter=exporter)}
+                                             exporter=exporter, maps_dtype=maps_dtype)}
         figures = None
         if parity:
             from .parity import check_parity
 
             figures = check_parity(model, spec.mean, spec.std, spec.input_size, paths[CBM_MODEL], paths[HEAD_MODEL],
-                                   real_images=real_images, tolerance=tolerance)
+                                   real_images=real_images, tolerance=tolerance, maps_dtype=maps_dtype)
         write_flavour(staging, flavour, opts)
         models = {name: _model_entry(out, name, version, paths[name], exporters[name]) for name in MODELS}
         _write_side_files(staging, version, model, meta, bundle_doc, flavour, models, figures, opts,

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 FLAVOURS = ("onnxruntime", "python")
 INSTANCE_KINDS = {"auto": "KIND_AUTO", "cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 TENSORRT_PRECISIONS = ("fp32", "fp16")
-_NP_TO_TRITON = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32"}
+_NP_TO_TRITON = {"uint8": "TYPE_UINT8", "float16": "TYPE_FP16", "float32": "TYPE_FP32"}
 
 
 class Enum(str):

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from salf.contract.repository import (CBM_MODEL, CBM_OUTPUTS, CONCEPT_MAPS as HEAD_INPUT, HEAD_MODEL, HEAD_OUTPUTS,
+from salf.contract.repository import (CBM_MODEL, CBM_OUTPUTS, CONCEPT_MAPS, CONCEPT_MAPS as HEAD_INPUT, HEAD_MODEL, HEAD_OUTPUTS,
                                       IMAGE as CBM_INPUT, ModelSpec)
 
 from .budget import ALARMS
@@ -49,22 +49,26 @@ class Backend:
         return maps, scores, logits
 
     def infer_head(self, maps: np.ndarray, timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Head only (what intervention re-runs) on float32 ``[B, M, Gh, Gw]`` concept maps."""
+        """Head only (what intervention re-runs) on ``[B, M, Gh, Gw]`` concept maps, sent in the model's
+        maps dtype (``spec.maps_dtype``)."""
         expected = (self.spec.num_concepts, *self.spec.grid)
         if maps.ndim != 4 or maps.shape[1:] != expected:
             raise ValueError(f"head input must be [B, {expected[0]}, {expected[1]}, {expected[2]}], got {maps.shape}")
-        scores, logits = self._timed(HEAD_MODEL, {HEAD_INPUT: np.ascontiguousarray(maps, dtype=np.float32)},
-                                     HEAD_OUTPUTS, timeout_s)
+        feed = np.ascontiguousarray(maps, dtype=self.spec.maps_dtype)
+        scores, logits = self._timed(HEAD_MODEL, {HEAD_INPUT: feed}, HEAD_OUTPUTS, timeout_s)
         return scores, logits
 
     def _timed(self, model: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...],
                timeout_s: float | None) -> list[np.ndarray]:
+        """The outputs in order: concept maps in ``spec.maps_dtype`` (float16 maps stay float16: half the
+        cache), everything else float32."""
         if timeout_s is not None and timeout_s <= 0:
             raise DeadlineExceeded(f"the request's deadline passed before {model} ran")
         start = time.perf_counter()
         result = self._run(model, feeds, outputs, timeout_s)
         self._observe(self.name, model, time.perf_counter() - start)
-        return [np.asarray(r, dtype=np.float32) for r in result]
+        return [np.asarray(r, dtype=self.spec.maps_dtype if name == CONCEPT_MAPS else np.float32)
+                for name, r in zip(outputs, result)]
 
     def _run(self, model: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...],
              timeout_s: float | None) -> list[np.ndarray]:

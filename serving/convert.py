@@ -157,7 +157,7 @@ class GatewayServicer:
             grid_width=spec.grid[1], input_height=spec.input_size[0], input_width=spec.input_size[1],
             backend=backend.name, backend_target=backend.target, backend_ready=backend.ready(timeout_s=1.0),
             pooling=spec.pooling, radius=spec.radius, flavour=spec.flavour, bundle_sha256=spec.bundle_sha256,
-            format_version=spec.format_version, model_version=spec.version)
+            format_version=spec.format_version, model_version=spec.version, maps_dtype=spec.maps_dtype)
 
     def GetClassRules(self, request, budget):
         g = self.gateway

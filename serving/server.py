@@ -320,7 +320,7 @@ class GatewayServer:
             "backend": backend.name, "backend_target": backend.target, "flavour": spec.flavour,
             "version": str(spec.version), "concepts": str(spec.num_concepts), "classes": str(spec.num_classes),
             "grid": f"{spec.grid[0]}x{spec.grid[1]}", "input_size": f"{spec.input_size[0]}x{spec.input_size[1]}",
-            "pooling": spec.pooling, "bundle_sha256": spec.bundle_sha256})
+            "pooling": spec.pooling, "bundle_sha256": spec.bundle_sha256, "maps_dtype": spec.maps_dtype})
         from .drift import DriftTracker
 
         tracker = DriftTracker(spec.concepts, spec.concept_hist, c.drift_window, c.drift_top) if c.drift_window else None

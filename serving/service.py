@@ -93,8 +93,8 @@ class Activation:
 
 @dataclass(frozen=True)
 class CachedMaps:
-    """What an ``explanation_id`` refers to: ``maps [M, Gh, Gw]``, ``scores [M]``, ``logits [L]``
-    float32 and the image's own ``size (h, w)``."""
+    """What an ``explanation_id`` refers to: ``maps [M, Gh, Gw]`` in the model's maps dtype (float32 or
+    float16), ``scores [M]`` and ``logits [L]`` float32, and the image's own ``size (h, w)``."""
     maps: np.ndarray
     scores: np.ndarray
     logits: np.ndarray
@@ -300,7 +300,8 @@ class Gateway:
                   timeout_s: float | Budget | None = None) -> InterveneResult:
         """Local intervention (paper 3.6): ``c[m] += beta * I_grid`` for each edit on the cached maps,
         then only the head runs, on the unedited and the edited maps together (one batch), so the
-        deltas are exactly ``head(edited) - head(maps)``."""
+        deltas are exactly ``head(edited) - head(maps)``. With float16 maps the edited maps are rounded
+        to float16 too: the head sees what the Triton hop carries."""
         budget = as_budget(timeout_s)
         if not edits:
             raise InvalidArgument("intervene needs at least one edit (concept, region, beta)")
@@ -328,7 +329,7 @@ class Gateway:
             union |= mask
             grid_edits.append((m, float(e.beta), explain.grid_coverage(mask, self.spec.grid, check=budget.check)))
         # The head's batch: [0] the maps as they are, [1] edited (written in place: no further copies).
-        batch = np.empty((2, *entry.maps.shape), dtype=np.float32)
+        batch = np.empty((2, *entry.maps.shape), dtype=entry.maps.dtype)
         batch[0] = entry.maps
         edited = explain.apply_edits(entry.maps, grid_edits, out=batch[1])
         # A finite but huge beta (float32 reaches 3.4e38) overflows the maps or the head's pooling and

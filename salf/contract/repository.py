@@ -162,6 +162,22 @@ def _names(doc: dict, key: str, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+# dtypes the concept maps may travel in (salf_cbm's output, salf_head's input); docs/DESIGN.md "Maps dtype".
+MAPS_DTYPES = ("float32", "float16")
+
+
+def maps_dtype(doc: dict, where: str = METADATA_FILE) -> str:
+    """The concept maps' dtype, from the graphs' own I/O as export recorded it (float32 when absent);
+    ``salf_cbm``'s maps output and ``salf_head``'s maps input must agree."""
+    models = doc.get("models") or {}
+    cbm = (((models.get(CBM_MODEL) or {}).get("outputs") or {}).get(CONCEPT_MAPS) or {}).get("dtype", "float32")
+    head = (((models.get(HEAD_MODEL) or {}).get("inputs") or {}).get(CONCEPT_MAPS) or {}).get("dtype", cbm)
+    if cbm not in MAPS_DTYPES or head != cbm:
+        raise RepositoryError(f"{where}: concept maps are {cbm!r} out of {CBM_MODEL} and {head!r} into {HEAD_MODEL}; "
+                              f"they must be the same, one of {MAPS_DTYPES}")
+    return cbm
+
+
 def validate_metadata(doc, where: str = METADATA_FILE) -> dict:
     """Check ``salf_model.json``'s content; returns it. Raises :class:`RepositoryError` naming the problem
     (an unsupported ``format_version`` included: a reader must never guess at another format)."""
@@ -185,6 +201,7 @@ def validate_metadata(doc, where: str = METADATA_FILE) -> dict:
     version = doc.get("model_version", 1)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise RepositoryError(f"{where}: model_version must be a positive integer, got {version!r}")
+    maps_dtype(doc, where)
     return doc
 
 
@@ -286,6 +303,7 @@ class ModelSpec:
     concept_mean: np.ndarray
     concept_std: np.ndarray
     concept_hist: np.ndarray | None = None  # [M, BINS] training shares per z bin, when training recorded them
+    maps_dtype: str = "float32"  # of salf_cbm's concept_maps output and salf_head's input (MAPS_DTYPES)
 
     @property
     def num_concepts(self) -> int:
@@ -320,7 +338,7 @@ def load_model_spec(root: str | Path, version: int | None = None) -> ModelSpec:
                      concepts=concepts, classes=classes,
                      bundle_sha256=str((doc.get("bundle") or {}).get("weights_sha256", "")),
                      weight=head.weight, bias=head.bias, concept_mean=head.concept_mean,
-                     concept_std=head.concept_std, concept_hist=head.concept_hist)
+                     concept_std=head.concept_std, concept_hist=head.concept_hist, maps_dtype=maps_dtype(doc, where))
     log.info("model repository %s version %d: %d concepts, %d classes, input %s, grid %s, %s pooling",
              root, version, spec.num_concepts, spec.num_classes, spec.input_size, spec.grid, spec.pooling)
     return spec

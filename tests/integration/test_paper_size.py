@@ -4,7 +4,10 @@ flavours, the onnxruntime flavour's graph run with onnxruntime directly, the pyt
 the embedded gateway and through a real Triton.
 
 At 20 classes instead of 1000 to keep `make test` short: the backbone and the 4741 concept maps, which
-are the cost, are the paper's; `make bench-paper-size` runs all 1000 (tests/bench/paper_size.py)."""
+are the cost, are the paper's; `make bench-serving` runs all 1000 (tests/bench/overhead.py).
+
+A third export has float16 concept maps (`--maps-dtype float16`): served through Triton, it must give
+the float32 model's predictions and explanations within float16's rounding."""
 from __future__ import annotations
 
 import re
@@ -34,6 +37,9 @@ def paper_size(tmp_path_factory):
     _salfctl("export", str(root / "bundle"), "--out", str(root / "repo-python"), "--flavour", "python")
     _salfctl("export", str(root / "bundle"), "--out", str(root / "repo-onnxruntime"), "--flavour", "onnxruntime",
              "--no-parity")
+    out = _salfctl("export", str(root / "bundle"), "--out", str(root / "repo-fp16"), "--flavour", "python",
+                   "--maps-dtype", "float16")
+    assert "random/salf_cbm/concept_maps" in out, out  # parity ran, with float16's bound
     return root
 
 
@@ -112,4 +118,49 @@ def test_python_flavour_served_embedded_and_through_triton(paper_size):
     finally:
         via_triton.server.stop(grace=0.5)
         embedded.server.stop(grace=0.5)
+        triton.stop()
+
+
+def test_float16_maps_through_triton_match_float32(paper_size):
+    """Predictions and contributions come from float32 inside the graph: equal. Maps travel as float16:
+    region activations and the edited logits within float16's rounding of the float32 model's."""
+    from clients.client import SalfClient
+    from export.triton_server import TritonServer
+    from salf.contract.repository import load_model_spec
+
+    fp16, fp32 = paper_size / "repo-fp16", paper_size / "repo-python"
+    assert load_model_spec(fp16).maps_dtype == "float16" and load_model_spec(fp32).maps_dtype == "float32"
+    for name, kind in (("salf_cbm", "output"), ("salf_head", "input")):
+        config = (fp16 / name / "config.pbtxt").read_text()
+        assert re.search(kind + r' \{\s*name: "concept_maps"\s*data_type: TYPE_FP16', config), config
+    image = encode(sample_image(5, (300, 400)), "JPEG")
+    triton = TritonServer(fp16, log_path=paper_size / "tritonserver-fp16.log")
+    triton.start()
+    half = start_gateway(fp16, triton_url=triton.grpc_url, metrics_port=None)
+    full = start_gateway(fp32, metrics_port=None)
+    try:
+        got = {}
+        for name, gw in (("float16", half), ("float32", full)):
+            with SalfClient.connect(gw.url, timeout=60) as c:
+                assert c.info.maps_dtype == name
+                e = c.explain(image, top_k=5)
+                region = c.region(box=[100, 50, 300, 250])
+                r = c.explain_region(region, explanation_id=e.explanation_id, top_k=20)
+                i = c.intervene([c.edit(region, 2.0, e.concepts[0].name)], explanation_id=e.explanation_id)
+                got[name] = (e, {a.name: a.activation for a in r.concepts}, i)
+        (e16, r16, i16), (e32, r32, i32) = got["float16"], got["float32"]
+        assert [(c.name, c.contribution) for c in e16.concepts] == \
+            [(c.name, pytest.approx(c.contribution, rel=1e-5, abs=1e-6)) for c in e32.concepts]
+        scale = max(abs(v) for v in r32.values())
+        common = set(r16) & set(r32)
+        assert len(common) >= 15  # the top 20 may trade places only among near-ties
+        for k in common:  # activation = sum(w * map): float16's half-ulp of each map value, at most
+            assert abs(r16[k] - r32[k]) <= 2 ** -11 * scale * 4, (k, r16[k], r32[k])
+        deltas16 = np.asarray(i16.logit_deltas)
+        deltas32 = np.asarray(i32.logit_deltas)
+        assert np.abs(deltas16 - deltas32).max() <= 2 ** -8 * max(1e-3, np.abs(deltas32).max()), (deltas16, deltas32)
+        assert i16.predicted_after.name == i32.predicted_after.name
+    finally:
+        full.server.stop(grace=0.5)
+        half.server.stop(grace=0.5)
         triton.stop()

@@ -81,6 +81,25 @@ def test_the_reader_refuses_what_it_cannot_serve(exported, tmp_path, changes, me
     assert message in str(info.value)
 
 
+def test_maps_dtype_is_read_from_the_graphs_io_and_must_agree(exported, tmp_path):
+    repo = _copy(exported[1], tmp_path)
+    assert load_model_spec(repo).maps_dtype == "float32"
+    doc = json.loads((repo / contract.METADATA_FILE).read_text())
+    models = doc["models"]
+    models["salf_cbm"]["outputs"]["concept_maps"]["dtype"] = "float16"
+    _edit_metadata(repo, models=models)
+    with pytest.raises(RepositoryError, match="'float16' out of salf_cbm and 'float32' into salf_head"):
+        load_model_spec(repo)
+    models["salf_head"]["inputs"]["concept_maps"]["dtype"] = "float16"
+    _edit_metadata(repo, models=models)
+    assert load_model_spec(repo).maps_dtype == "float16"
+    for m in ("salf_cbm", "salf_head"):
+        models[m]["outputs" if m == "salf_cbm" else "inputs"]["concept_maps"]["dtype"] = "float64"
+    _edit_metadata(repo, models=models)
+    with pytest.raises(RepositoryError, match="one of \\('float32', 'float16'\\)"):
+        load_model_spec(repo)
+
+
 def test_head_that_does_not_fit_the_metadata_is_refused(exported, tmp_path):
     repo = _copy(exported[1], tmp_path)
     _edit_metadata(repo, concepts=["a", "b", "c"])
