@@ -151,13 +151,40 @@ class SalfClient:
                 heatmaps: str = "png", timeout: float | None = None, concepts: Sequence[str] = ()):
         """``heatmaps``: "png", "float16", "both" or "none". ``concepts``: also return these concepts' maps
         (``response.requested``)."""
+        return self._call(self.stub.Explain, self.explain_request(image, class_name, class_index, top_k, heatmaps,
+                                                                  concepts), timeout)
+
+    def explain_request(self, image: bytes, class_name: str | None = None, class_index: int | None = None,
+                        top_k: int = 0, heatmaps: str = "png", concepts: Sequence[str] = ()):
+        """The ``ExplainRequest`` :meth:`explain` sends (for :meth:`stream`)."""
         req = self.pb.ExplainRequest(image=image, top_k=top_k, concepts=list(concepts),
                                      heatmaps=self.pb.HeatmapFormat.Value(f"HEATMAP_FORMAT_{heatmaps.upper()}"))
         if class_name:
             req.class_name = class_name
         elif class_index is not None:
             req.class_index = class_index
-        return self._call(self.stub.Explain, req, timeout)
+        return req
+
+    def stream(self, items: Iterable[tuple[str, object]], window: int = 8, timeout: float | None = None):
+        """Many Predict/Explain requests on one ``Stream`` call: ``items`` yields ``(id, PredictRequest |
+        ExplainRequest)`` and is read as the gateway takes them (it may read files lazily); yields one
+        ``StreamResponse`` per item in completion order, ``response.id`` naming it, a failed item as
+        ``response.error`` (code name, message). ``window``: items the gateway works on at once.
+        ``timeout``: for the whole stream (None: no deadline; a stream of a large folder takes long).
+        A failure of the stream itself raises ``grpc.RpcError`` from the iteration."""
+        def messages():
+            for n, (key, request) in enumerate(items):
+                if isinstance(request, self.pb.PredictRequest):
+                    msg = self.pb.StreamRequest(id=key, predict=request)
+                elif isinstance(request, self.pb.ExplainRequest):
+                    msg = self.pb.StreamRequest(id=key, explain=request)
+                else:
+                    raise TypeError(f"stream items are PredictRequest or ExplainRequest, got {type(request).__name__}")
+                if n == 0:
+                    msg.window = int(window)
+                yield msg
+
+        return self.stub.Stream(messages(), timeout=timeout, metadata=self._metadata)
 
     def region(self, mask_png: bytes | None = None, box: Sequence[float] | None = None,
                points: Iterable[Sequence[float]] | None = None, radius: float = 0.0):

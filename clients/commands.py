@@ -138,6 +138,53 @@ def _rows(client, inputs: list, what: str, request: Callable, in_flight: int = 1
     bar.close()
 
 
+def _stream_rows(client, inputs: list[Path], what: str, request: Callable, finish: Callable, window: int):
+    """Offline scoring on one ``Stream`` call (docs/DESIGN.md "Streaming"): ``request(data) -> PredictRequest
+    | ExplainRequest`` per file, read as the gateway takes them; ``finish(item, data, response) -> dict``
+    per answer; rows yielded in input order (answers come in completion order, at most ``window`` apart).
+    A failed item is an error row; if the stream itself fails, every item not answered yet is one."""
+    import grpc
+    from tqdm import tqdm
+
+    rows: dict[int, dict] = {}  # answered, not yet yielded (written by the sending thread for unreadable files)
+    data: dict[int, bytes] = {}
+
+    def items():
+        for n, item in enumerate(inputs):
+            try:
+                data[n] = item.read_bytes()
+            except OSError as exc:
+                rows[n] = {"image": str(item), "error": {"code": "UNREADABLE", "message": str(exc)}}
+                continue
+            yield str(n), request(data[n])
+
+    bar = tqdm(total=len(inputs), desc=what, unit="image", file=sys.stderr, disable=len(inputs) < 2, leave=False)
+    following = 0
+    try:
+        for response in client.stream(items(), window=window):
+            n = int(response.id)
+            item = inputs[n]
+            if response.WhichOneof("result") == "error":
+                rows[n] = {"image": str(item), "error": {"code": response.error.code, "message": response.error.message}}
+            else:
+                try:
+                    rows[n] = {"image": str(item), **finish(item, data[n], getattr(response, response.WhichOneof("result")))}
+                except grpc.RpcError as exc:  # a follow-up call (a region) failed: this item only
+                    rows[n] = _error_row(item, exc)
+            del data[n]
+            while following in rows:
+                yield rows.pop(following)
+                following += 1
+                bar.update(1)
+    except grpc.RpcError as exc:
+        for n in range(following, len(inputs)):
+            rows.setdefault(n, _error_row(inputs[n], exc))
+    for n in range(following, len(inputs)):  # the stream ended: what is left, in order
+        yield rows.pop(n)
+        bar.update(1)
+    bar.close()
+
+
 def _resumable(inputs: list[Path], output: Optional[Path], resume: bool, in_flight: int) -> list[Path]:
     """Usage checks of --output/--resume/--in-flight; the inputs still to do (all, unless resuming)."""
     if in_flight < 1:
@@ -283,9 +330,9 @@ def predict(images: Images, top_k: TopK = 0, url: Url = None, model_repository: 
                              [(str(n), c["name"], f"{c['probability']:.4f}", f"{c['logit']:+.3f}")
                               for n, c in enumerate(row["classes"], 1)]))
 
-    _run((url, model_repository, timeout, token, ca_cert), as_json, table, lambda client: _rows(
-        client, images, "predict", lambda c, image: message_dict(c.predict(image.read_bytes(), top_k=top_k)),
-        in_flight), output)
+    _run((url, model_repository, timeout, token, ca_cert), as_json, table, lambda client: _stream_rows(
+        client, images, "predict", lambda data: client.pb.PredictRequest(image=data, top_k=top_k),
+        lambda item, data, r: message_dict(r), in_flight), output)
 
 
 def explain(images: Images, roi: Roi = None, box: Box = None, point: Points = None, radius: Radius = 0.0,
@@ -360,8 +407,12 @@ def explain(images: Images, roi: Roi = None, box: Box = None, point: Points = No
     def produce(client):
         region = _region(client, roi, box, point, radius, required=False)
         stills = [p for p in images if p not in videos]
-        yield from _rows(client, stills, "explain", lambda c, image: _explain_one(
-            c, image, region, class_name, top_k, out, names[image], scale, save_npz, tracked), in_flight)
+        yield from _stream_rows(
+            client, stills, "explain",
+            lambda data: client.explain_request(data, class_name=class_name, top_k=top_k, heatmaps="none",
+                                                concepts=tracked),
+            lambda image, data, r: _explain_row(client, image, data, r, region, top_k, out, names[image], scale,
+                                                save_npz), in_flight)
         for video in videos:
             yield from _explain_video(client, video, class_name, top_k, tracked, out, names[video], every,
                                       max_frames)
@@ -485,16 +536,16 @@ def _explain_video(client, video: Path, class_name, top_k, tracked: list[str], o
                 typer.echo(f"wrote {path}", err=True)
 
 
-def _explain_one(client, image: Path, region, class_name, top_k, out: Optional[Path], name: str,
-                 scale: str = "common", save_npz: bool = False, tracked: list[str] = ()) -> dict:
+def _explain_row(client, image: Path, data: bytes, r, region, top_k, out: Optional[Path], name: str,
+                 scale: str = "common", save_npz: bool = False) -> dict:
+    """The row of one answered Explain ``r`` of ``image`` (its bytes ``data``): the response, its grid
+    geometry, the region's concepts (by explanation id), the figure and arrays with ``out``."""
     import numpy as np
 
     from salf.contract.images import load_rgb
 
     from . import figure
 
-    data = image.read_bytes()
-    r = client.explain(data, class_name=class_name, top_k=top_k, heatmaps="none", concepts=tracked)
     row = message_dict(r)
     grid = (r.grid_height, r.grid_width)
     row["geometry"] = {"grid": list(grid), "image_size": [r.image_height, r.image_width], "upsampling": GEOMETRY_RULE}

@@ -38,6 +38,9 @@ def serve(
                                            "RESOURCE_EXHAUSTED at once."),
     stream_idle: float = typer.Option(10.0, "--stream-idle", help="Seconds a call may wait for its request "
                                                                   "message before it is dropped."),
+    stream_window: int = typer.Option(8, "--stream-window", help="Items of one Stream call worked on at once, "
+                                                                 "unless its first message asks for another "
+                                                                 "window (capped at --max-in-flight)."),
     max_streams: int = typer.Option(100, "--max-streams-per-connection", help="Concurrent calls per HTTP/2 connection."),
     max_connection_idle: float = typer.Option(300.0, "--max-connection-idle",
                                               help="Seconds a connection with no call stays open."),
@@ -70,6 +73,7 @@ def serve(
                              metrics_port=None if metrics_port < 0 else metrics_port, metrics_host=metrics_host,
                              token=token or None, tls_cert=tls_cert, tls_key=tls_key, cache_size=cache_size,
                              cache_ttl_s=cache_ttl, cache_mb=cache_mb, max_in_flight=max_in_flight, stream_idle_s=stream_idle,
+                             stream_window=stream_window,
                              max_streams_per_connection=max_streams, max_connection_idle_s=max_connection_idle,
                              max_connection_age_s=max_connection_age, limits=Limits(max_pixels=max_pixels),
                              drift_window=drift_window, drift_top=drift_top, device=device)

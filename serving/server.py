@@ -22,6 +22,7 @@ its request is being *worked on*:
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import hmac
 import logging
@@ -136,6 +137,7 @@ class Boundary:
         self.stream_idle_s = float(stream_idle_s)
         self.in_flight = 0  # touched only on the event loop
         self.draining = False  # set on shutdown: new calls are refused with UNAVAILABLE
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()  # stream items waiting for a slot
 
     def handler(self, method: str, request_type, response_type, behavior) -> grpc.RpcMethodHandler:
         async def call(request_iterator, context):
@@ -192,16 +194,136 @@ class Boundary:
                 log.info("%s -> %s: %s", method, code.name, message)
         finally:
             if admitted:
-                self.in_flight -= 1
-                self.metrics.in_flight.labels(method).dec()
+                self._release(method)
             self.metrics.observe_request(method, code.name, time.perf_counter() - start)
         await context.abort(code, message)
+
+    def _release(self, method: str) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.labels(method).dec()
+        while self._waiters:  # the next waiting stream item, if any, takes the slot
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+
+    async def _acquire(self, method: str) -> None:
+        """A slot for one stream item, waiting for one if the gateway is at its limit (a stream is
+        cooperative: its window already bounds it; a unary call is refused at the limit instead)."""
+        while self.in_flight >= self.max_in_flight:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+        self.in_flight += 1
+        self.metrics.in_flight.labels(method).inc()
+
+    # ---------------------------------------------------------- the Stream RPC
+
+    def stream_handler(self, servicer: GatewayServicer, default_window: int) -> grpc.RpcMethodHandler:
+        pb, _ = load_api()
+
+        async def call(request_iterator, context):
+            async for response in self._stream(pb, servicer, default_window, request_iterator, context):
+                yield response
+
+        return grpc.stream_stream_rpc_method_handler(call, request_deserializer=None,
+                                                     response_serializer=pb.StreamResponse.SerializeToString)
+
+    async def _stream(self, pb, servicer, default_window: int, request_iterator, context):
+        """Read items while fewer than the stream's window are being worked on, run each like its unary
+        RPC (same servicer method, admission and status codes, but as a ``StreamError`` in its answer),
+        yield answers as they complete. The stream fails as a whole only for what has no item to blame:
+        a malformed message, ``stream_idle_s`` without a message while nothing is in flight, shutdown."""
+        start = time.perf_counter()
+        code, message = grpc.StatusCode.OK, ""
+        budget = Budget(request_timeout(context))  # the whole stream's deadline, shared by its items
+        messages = request_iterator.__aiter__()
+        window: int | None = None
+        items: set[asyncio.Task] = set()
+        reading: asyncio.Future | None = None
+        ended = False
+        try:
+            while True:
+                if reading is None and not ended and (window is None or len(items) < window):
+                    reading = asyncio.ensure_future(messages.__anext__())
+                pending = items | ({reading} if reading is not None else set())
+                if not pending:
+                    break
+                done, _ = await asyncio.wait(pending, timeout=None if items else self.stream_idle_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    raise errors.DeadlineExceeded(f"no message arrived on the stream within {self.stream_idle_s:g} s "
+                                                  f"while none of its items was in flight; the stream was dropped")
+                for task in done:
+                    if task is not reading:
+                        items.discard(task)
+                        yield task.result()
+                        continue
+                    reading = None
+                    try:
+                        raw = task.result()
+                    except StopAsyncIteration:
+                        ended = True
+                        continue
+                    try:
+                        item = pb.StreamRequest.FromString(raw)
+                    except Exception as exc:  # protobuf's DecodeError: no id to answer, the stream fails
+                        raise errors.InvalidArgument(f"stream message {len(raw)} bytes is not a valid "
+                                                     f"salf.v1.StreamRequest: {exc}") from None
+                    if window is None:
+                        window = min(int(item.window) or default_window, self.max_in_flight)
+                    items.add(asyncio.ensure_future(self._stream_item(pb, servicer, item, budget)))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            log.info("Stream -> CANCELLED (the client went away, or the shutdown grace ended)")
+            raise
+        except Exception as exc:
+            code, message = status_for(exc)
+            log.info("Stream -> %s: %s", code.name, message)
+        finally:
+            if code is not grpc.StatusCode.OK or items:
+                budget.cancel()  # items still running stop at their next check
+            for task in (*items, *([reading] if reading is not None else [])):
+                task.cancel()
+            self.metrics.observe_request("Stream", code.name, time.perf_counter() - start)
+        if code is not grpc.StatusCode.OK:
+            await context.abort(code, message)
+
+    async def _stream_item(self, pb, servicer, item, budget: Budget):
+        kind = item.WhichOneof("request")
+        method = f"Stream.{(kind or 'empty').capitalize()}"
+        start = time.perf_counter()
+        code, message = grpc.StatusCode.OK, ""
+        admitted = False
+        try:
+            if kind is None:
+                raise errors.InvalidArgument("stream item has neither a predict nor an explain request")
+            if self.draining:
+                raise errors.BackendUnavailable("the gateway is shutting down; retry on another instance")
+            await self._acquire(method)
+            admitted = True
+            behavior = servicer.Predict if kind == "predict" else servicer.Explain
+            loop = asyncio.get_running_loop()
+            response = await loop.run_in_executor(self.executor, behavior, getattr(item, kind), budget)
+            return pb.StreamResponse(id=item.id, **{kind: response})
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code, message = status_for(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.error("%s item %r failed", method, item.id, exc_info=exc)
+            return pb.StreamResponse(id=item.id, error=pb.StreamError(code=code.name, message=message))
+        finally:
+            if admitted:
+                self._release(method)
+            self.metrics.observe_request(method, code.name, time.perf_counter() - start)
 
 
 GATEWAY_METHODS = ("Predict", "Explain", "ExplainRegion", "Intervene", "GetModelInfo", "GetClassRules")
 
 
-def gateway_handler(servicer: GatewayServicer, boundary: Boundary) -> grpc.GenericRpcHandler:
+def gateway_handler(servicer: GatewayServicer, boundary: Boundary, stream_window: int = 8) -> grpc.GenericRpcHandler:
     """``salf.v1.Gateway`` with every method behind ``boundary``; types from the generated descriptor."""
     pb, _ = load_api()
     service = pb.DESCRIPTOR.services_by_name["Gateway"]
@@ -211,6 +333,7 @@ def gateway_handler(servicer: GatewayServicer, boundary: Boundary) -> grpc.Gener
         request_type = getattr(pb, desc.input_type.name)
         response_type = getattr(pb, desc.output_type.name)
         handlers[name] = boundary.handler(name, request_type, response_type, getattr(servicer, name))
+    handlers["Stream"] = boundary.stream_handler(servicer, stream_window)
     return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
 
@@ -235,6 +358,7 @@ class ServeConfig:
     cache_mb: int = 256  # and at most this many MB of maps (paper size: ~280 explanations of 930 KB)
     max_in_flight: int = 64
     stream_idle_s: float = 10.0
+    stream_window: int = 8  # items of one Stream call worked on at once, unless its first message asks (<= max_in_flight)
     max_streams_per_connection: int = 100
     max_connection_idle_s: float = 300.0
     max_connection_age_s: float = 1800.0
@@ -257,6 +381,8 @@ class ServeConfig:
             raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
         if self.stream_idle_s <= 0:
             raise ValueError(f"stream_idle_s must be > 0, got {self.stream_idle_s}")
+        if self.stream_window < 1:
+            raise ValueError(f"stream_window must be >= 1, got {self.stream_window}")
 
     def grpc_options(self) -> list[tuple[str, int]]:
         size = self.max_message_mb * 1024 * 1024
@@ -365,7 +491,7 @@ class GatewayServer:
         server = grpc.aio.server(interceptors=interceptors, options=c.grpc_options())
         self._boundary = boundary = Boundary(self.metrics, self._executor, c.max_in_flight, c.stream_idle_s)
         self._servicer = GatewayServicer(self.gateway, c.max_message_mb * 2**20)
-        server.add_generic_rpc_handlers((gateway_handler(self._servicer, boundary),))
+        server.add_generic_rpc_handlers((gateway_handler(self._servicer, boundary, c.stream_window),))
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

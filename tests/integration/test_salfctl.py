@@ -222,7 +222,9 @@ def test_salfctl_serve_process(exported_repo, files, tmp_path):
         import urllib.request
 
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{serve.metrics_port}/metrics", timeout=5).read().decode()
-        assert 'salf_gateway_requests_total{code="OK",method="Predict"} 2.0' in metrics
+        # salfctl predict sends its images on one Stream call (docs/DESIGN.md "Streaming"): one stream, two items
+        assert 'salf_gateway_requests_total{code="OK",method="Stream.Predict"} 2.0' in metrics
+        assert 'salf_gateway_requests_total{code="OK",method="Stream"} 1.0' in metrics
     finally:
         code = serve.stop(grace=10.0)
     assert code == 0, serve.log_path.read_text()
