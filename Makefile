@@ -14,7 +14,7 @@ DEMO_SYNTH_ARGS ?=
 DEMO_PORT ?= 50151
 DEMO_REPO ?= model_repository
 
-.PHONY: all venv proto demo test test-unit test-integration triton-env triton prometheus-bin chromium-bin ui ui-story clean bench-similarity bench-serving bench-overhead bench-throughput perf-analyzer
+.PHONY: all venv proto demo test test-unit test-integration triton-env triton prometheus-bin chromium-bin ui ui-story clean bench-similarity bench-serving bench-mixed bench-overhead bench-throughput bench-batching bench-gpu perf-analyzer
 
 all: venv proto
 
@@ -64,15 +64,24 @@ bench-similarity: venv
 	mkdir -p $(RUNS)
 	$(PY) -m training.clip.bench $(BENCH_ARGS) --json $(RUNS)/bench-similarity.json
 
-# ---------------------------------------------------------------- serving benchmark (issue 11)
-# 32 clients mixing every RPC against `salfctl serve`, embedded and on Triton: throughput, p50/p99, failures.
-BENCH_SERVING_ARGS ?= --clients 32 --seconds 15
-bench-serving: venv proto triton-env
+# ---------------------------------------------------------------- serving benchmarks (issues 11, 12)
+# Every serving figure in one run (about 15 minutes on 2 cores): an explanation's cost next to a bare
+# forward at the demo's and the paper's size, RSS, bytes per request on both hops, throughput at 1/8/32
+# clients next to perf_analyzer straight at Triton (embedded, Triton, one Stream call), and the mixed
+# load; prints the summary against issue 12's targets and regenerates docs/performance.md.
+BENCH_SERVING_ARGS ?=
+bench-serving: venv proto triton-env perf-analyzer
 	mkdir -p $(RUNS)
-	$(PY) -m tests.bench.serving $(BENCH_SERVING_ARGS) --json $(RUNS)/bench-serving.json
+	$(PY) -m tests.bench.report --perf-analyzer $(PERF_VENV)/bin/perf_analyzer $(BENCH_SERVING_ARGS) \
+	  --json $(RUNS)/bench-serving.json
 
-# Explanation cost next to a bare forward, demo size and the paper's (ResNet-50, 4741 concepts, 1000
-# classes, random weights), and the gateway's memory: regenerates docs/performance.md (issue 12).
+# Parts of bench-serving, each printing its own table (no document): the mixed load of every RPC by 32
+# clients (issue 11), the explanation cost, and the throughput.
+BENCH_MIXED_ARGS ?= --clients 32 --seconds 15
+bench-mixed: venv proto triton-env
+	mkdir -p $(RUNS)
+	$(PY) -m tests.bench.serving $(BENCH_MIXED_ARGS) --json $(RUNS)/bench-mixed.json
+
 BENCH_OVERHEAD_ARGS ?=
 bench-overhead: venv proto
 	mkdir -p $(RUNS)
@@ -92,12 +101,23 @@ $(PERF_VENV)/.installed:
 
 perf-analyzer: $(PERF_VENV)/.installed
 
-# The gateway in front of Triton vs perf_analyzer straight at Triton, 1/8/32 clients, paper size (issue 12).
 BENCH_THROUGHPUT_ARGS ?=
 bench-throughput: venv proto triton-env perf-analyzer
 	mkdir -p $(RUNS)
 	$(PY) -m tests.bench.throughput --perf-analyzer $(PERF_VENV)/bin/perf_analyzer $(BENCH_THROUGHPUT_ARGS) \
 	  --json $(RUNS)/bench-throughput.json
+
+# The one prepared script for a lent GPU (issue 12): SALF-CBM vs plain ResNet-50 in bf16 at batch 256, the
+# exported graph on onnxruntime's CUDA provider, the gateway with --device cuda. Runs on a CPU too (slowly).
+bench-gpu: venv proto
+	mkdir -p $(RUNS)
+	$(PY) -m tests.bench.gpu --json $(RUNS)/bench-gpu.json
+
+# The dynamic batcher's settings from measurements: the forward's cost per image by batch size, and
+# perf_analyzer at 1/8/32 clients for each max_queue_delay candidate; regenerates docs/batching.md.
+bench-batching: venv proto triton-env perf-analyzer
+	mkdir -p $(RUNS)
+	$(PY) -m tests.bench.batching --perf-analyzer $(PERF_VENV)/bin/perf_analyzer --json $(RUNS)/bench-batching.json
 
 # ---------------------------------------------------------------- demo
 demo: venv proto

@@ -6,8 +6,11 @@ Per concurrency c (1, 8, 32 by default), interleaved in one run:
 - perf_analyzer -m salf_cbm -i grpc --concurrency-range c: images/s, p50/p99 latency (its own timers);
 - c client threads (this process) calling Predict on `salfctl serve --triton` (its own process) with a
   224x224 PNG for a fixed time: images/s, p50/p99 client-side;
+- the same gateway on one Stream call with a window of c (what `salfctl predict DIR` sends);
+- the embedded gateway (`salfctl serve` without Triton) with c clients, Triton idle;
 - Triton's mean executed batch on each side (nv_inference_count / nv_inference_exec_count deltas).
-Writes the table to stdout and JSON with --json. A benchmark, not a test: compare ratios of one run.
+Prints the table and writes JSON with --json; `make bench-serving` (tests/bench/report.py) puts it in
+docs/performance.md. A benchmark, not a test: compare ratios of one run.
 """
 from __future__ import annotations
 
@@ -99,6 +102,95 @@ def gateway_load(url: str, concurrency: int, seconds: float, image: bytes) -> di
             "p99_ms": round(float(np.percentile(a, 99)), 1), "errors": len(errors)}
 
 
+def stream_load(url: str, window: int, seconds: float, image: bytes) -> dict:
+    """One client, one Stream call, ``window`` items in flight, for ``seconds``: images/s."""
+    from clients.client import SalfClient
+
+    with SalfClient(url, timeout=60) as c:
+        c.predict(image)
+        end = time.monotonic() + seconds
+
+        def items():
+            n = 0
+            while time.monotonic() < end:
+                yield str(n), c.pb.PredictRequest(image=image)
+                n += 1
+
+        t0 = time.monotonic()
+        answers = errors = 0
+        for r in c.stream(items(), window=window):
+            answers += 1
+            errors += r.WhichOneof("result") == "error"
+        elapsed = time.monotonic() - t0
+    return {"images_per_s": round(answers / elapsed, 2), "errors": errors}
+
+
+def run(perf_binary: Path, repo: Path, concurrencies: list[int], seconds: float, work: Path) -> dict:
+    """Per concurrency, interleaved: perf_analyzer straight at Triton, the gateway in front of Triton
+    (c unary clients, and one Stream call with window c), and the embedded gateway (Triton idle)."""
+    from export.triton_server import TritonServer
+    from tests.fixtures.gateway import encode, sample_image, start_salfctl_serve
+
+    config = (repo / "salf_cbm" / "config.pbtxt").read_text()
+    meta = json.loads((repo / "salf_model.json").read_text())
+    image = encode(sample_image(0, tuple(meta["input_size"])), "PNG")
+    results = []
+    triton = TritonServer(repo, log_path=work / "triton.log").start()
+    serve = embedded = None
+    try:
+        serve = start_salfctl_serve(repo, work / "serve.log", extra=["--triton", triton.grpc_url])
+        embedded = start_salfctl_serve(repo, work / "serve-embedded.log")
+        for c in concurrencies:
+            before = _counters(triton.metrics_url)
+            pa = perf_analyzer(perf_binary, triton.grpc_url, c, int(seconds * 1000 / 2), work)
+            middle = _counters(triton.metrics_url)
+            gw = gateway_load(serve.url, c, seconds, image)
+            after = _counters(triton.metrics_url)
+            st = stream_load(serve.url, c, seconds, image)
+            st["mean_batch"] = _mean_batch(after, _counters(triton.metrics_url))
+            emb = gateway_load(embedded.url, c, seconds, image)
+            pa["mean_batch"], gw["mean_batch"] = _mean_batch(before, middle), _mean_batch(middle, after)
+            row = {"concurrency": c, "perf_analyzer": pa, "gateway": gw, "stream": st, "embedded": emb,
+                   "throughput_ratio": round(gw["images_per_s"] / pa["images_per_s"], 3),
+                   "p99_ratio": round(gw["p99_ms"] / pa["p99_ms"], 3)}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        for proc in (serve, embedded):
+            if proc is not None:
+                proc.stop()
+        triton.stop()
+    batching = [line.strip() for line in config.splitlines() if "queue_delay" in line or "preferred" in line
+                or "max_batch_size" in line]
+    return {"config": batching, "seconds": seconds, "results": results}
+
+
+def table(run_result: dict) -> list[str]:
+    lines = ["| clients | perf_analyzer img/s | p50 ms | p99 ms | Triton batch | gateway img/s | p50 ms | p99 ms | "
+             "Triton batch | img/s ratio | p99 ratio | Stream img/s (1 call) | embedded img/s | p50 ms | p99 ms |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in run_result["results"]:
+        pa, gw, st, emb = r["perf_analyzer"], r["gateway"], r["stream"], r["embedded"]
+        lines.append(f"| {r['concurrency']} | {pa['images_per_s']} | {pa['p50_ms']} | {pa['p99_ms']} | "
+                     f"{pa['mean_batch']} | {gw['images_per_s']} | {gw['p50_ms']} | {gw['p99_ms']} | {gw['mean_batch']} | "
+                     f"{r['throughput_ratio']} | {r['p99_ratio']} | {st['images_per_s']} | {emb['images_per_s']} | "
+                     f"{emb['p50_ms']} | {emb['p99_ms']} |")
+    return lines
+
+
+def paper_repository(work: Path, maps_dtype: str = "float32") -> Path:
+    """The paper's size with random weights, exported (python flavour) under ``work``."""
+    exe = str(Path(sys.executable).parent / "salfctl")
+    bundle = work / "bundle"
+    if not (bundle / "bundle.json").is_file():
+        subprocess.run([exe, "train", "random", "--config", "imagenet-rn50", "--out", bundle], check=True,
+                       cwd=ROOT, capture_output=True)
+    repo = work / f"model_repository-{maps_dtype}"
+    subprocess.run([exe, "export", bundle, "--out", repo, "--flavour", "python", "--no-parity", "--maps-dtype",
+                    maps_dtype], check=True, cwd=ROOT, capture_output=True)
+    return repo
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--perf-analyzer", type=Path, required=True)
@@ -106,72 +198,14 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "throughput.md")
     args = ap.parse_args(argv)
-
-    from export.triton_server import TritonServer
-    from tests.fixtures.gateway import encode, sample_image, start_salfctl_serve
-
-    results = []
     with tempfile.TemporaryDirectory(prefix="salf-bench-") as tmp:
         work = Path(tmp)
-        repo = args.repository
-        if repo is None:
-            exe = str(Path(sys.executable).parent / "salfctl")
-            subprocess.run([exe, "train", "random", "--config", "imagenet-rn50", "--out", work / "bundle"], check=True,
-                           cwd=ROOT, capture_output=True)
-            repo = work / "model_repository"
-            subprocess.run([exe, "export", work / "bundle", "--out", repo, "--flavour", "python", "--no-parity"],
-                           check=True, cwd=ROOT, capture_output=True)
-        config = (repo / "salf_cbm" / "config.pbtxt").read_text()
-        triton = TritonServer(repo, log_path=work / "triton.log").start()
-        serve = start_salfctl_serve(repo, work / "serve.log", extra=["--triton", triton.grpc_url])
-        meta = json.loads((repo / "salf_model.json").read_text())
-        image = encode(sample_image(0, tuple(meta["input_size"])), "PNG")
-        try:
-            for c in [int(x) for x in args.concurrency.split(",")]:
-                before = _counters(triton.metrics_url)
-                pa = perf_analyzer(args.perf_analyzer, triton.grpc_url, c, int(args.seconds * 1000 / 2), work)
-                middle = _counters(triton.metrics_url)
-                gw = gateway_load(serve.url, c, args.seconds, image)
-                after = _counters(triton.metrics_url)
-                pa["mean_batch"], gw["mean_batch"] = _mean_batch(before, middle), _mean_batch(middle, after)
-                row = {"concurrency": c, "perf_analyzer": pa, "gateway": gw,
-                       "throughput_ratio": round(gw["images_per_s"] / pa["images_per_s"], 3),
-                       "p99_ratio": round(gw["p99_ms"] / pa["p99_ms"], 3)}
-                results.append(row)
-                print(json.dumps(row), flush=True)
-        finally:
-            serve.stop()
-            triton.stop()
-    batching = [line.strip() for line in config.splitlines() if "queue_delay" in line or "preferred" in line
-                or "max_batch_size" in line]
-    table = ["| clients | perf_analyzer img/s | p50 ms | p99 ms | Triton batch | gateway img/s | p50 ms | p99 ms | "
-             "Triton batch | img/s ratio | p99 ratio |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in results:
-        pa, gw = r["perf_analyzer"], r["gateway"]
-        table.append(f"| {r['concurrency']} | {pa['images_per_s']} | {pa['p50_ms']} | {pa['p99_ms']} | "
-                     f"{pa['mean_batch']} | {gw['images_per_s']} | {gw['p50_ms']} | {gw['p99_ms']} | {gw['mean_batch']} | "
-                     f"{r['throughput_ratio']} | {r['p99_ratio']} |")
-    print("\n".join(["", f"Triton config: {'; '.join(batching)}", *table]))
-    if args.doc:
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), "")
-        model = str(args.repository) if args.repository else "the paper's size, random weights (salfctl train random)"
-        args.doc.write_text("\n".join([
-            "# Throughput: the gateway in front of Triton vs perf_analyzer straight at Triton", "",
-            f"Generated by `make bench-throughput` (tests/bench/throughput.py) on "
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu}, {os.cpu_count()} cores. Do not edit: "
-            "rerun the benchmark. Figures vary with the machine and its load; compare the ratios of one run.", "",
-            f"Model: {model}; Triton (python-backend flavour) `salf_cbm` config: {'; '.join(batching)}. "
-            f"perf_analyzer (tritonclient 2.46) sends random uint8 224x224x3 tensors over gRPC with c requests in "
-            f"flight; the gateway side is c client threads calling Predict with a 224x224 PNG on `salfctl serve "
-            f"--triton` for {args.seconds:g} s; Triton batch = its executed-batch mean over each side's window.", "",
-            "Targets (issue 12): gateway images/s >= 0.95x perf_analyzer's, gateway p99 <= 1.2x Triton's.", "",
-            *table, ""]))
-        print(f"wrote {args.doc}", file=sys.stderr)
+        repo = args.repository or paper_repository(work)
+        result = run(args.perf_analyzer, repo, [int(x) for x in args.concurrency.split(",")], args.seconds, work)
+    print("\n".join(["", f"Triton config: {'; '.join(result['config'])}", *table(result)]))
     if args.json:
-        args.json.write_text(json.dumps({"config": batching, "results": results}, indent=1))
+        args.json.write_text(json.dumps(result, indent=1))
     return 0
 
 
