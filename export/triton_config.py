@@ -35,6 +35,10 @@ class Enum(str):
     """A protobuf enum value: written without quotes."""
 
 
+class Comment(str):
+    """Comment lines (``# ...``) written where the key stands; the key itself is not written."""
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """One model input or output: name, numpy dtype name, dims *without* the batch axis."""
@@ -104,7 +108,9 @@ def to_pbtxt(message: dict, indent: int = 0) -> str:
     for key, value in message.items():
         if value is None:
             continue
-        if isinstance(value, dict):
+        if isinstance(value, Comment):
+            lines.extend(f"{pad}# {line}".rstrip() for line in value.splitlines())
+        elif isinstance(value, dict):
             lines.append(f"{pad}{key} {{")
             lines.append(to_pbtxt(value, indent + 1))
             lines.append(f"{pad}}}")

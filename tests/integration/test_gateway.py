@@ -344,7 +344,7 @@ def test_health_and_reflection(gateway):
         assert "salf.v1.Gateway" in db.get_services()
         service = db.FindFileContainingSymbol("salf.v1.Gateway").service[0]
         assert {m.name for m in service.method} == {"Predict", "Explain", "ExplainRegion", "Intervene",
-                                                     "GetModelInfo", "GetClassRules"}
+                                                     "GetModelInfo", "GetClassRules", "Stream"}
 
 
 def test_metrics_endpoint(stub, pb, gateway):
