@@ -189,6 +189,29 @@ def test_region_projections_do_not_copy_the_mask_to_float64():
                                rtol=1e-12)
 
 
+@pytest.mark.parametrize("rows,cols", [((0, 1), (0, 1)), ((0, 97), (0, 131)), ((10, 60), (3, 4)), ((96, 97), (5, 131)),
+                                       ((33, 70), (40, 100))])
+def test_rectangles_project_separably_to_the_same_weights(rows, cols):
+    """A box (any mask filling its bounding box) takes the separable path; a mask one pixel short of
+    its box, and a float mask, take the general one; all equal the plain product."""
+    size, grid = (97, 131), (7, 7)
+    ry, rx = explain.bilinear_matrix(size[0], grid[0]), explain.bilinear_matrix(size[1], grid[1])
+    ay, ax = explain.cell_coverage_matrix(size[0], grid[0]), explain.cell_coverage_matrix(size[1], grid[1])
+    box = np.zeros(size, bool)
+    box[rows[0]:rows[1], cols[0]:cols[1]] = True
+    assert explain._rectangle(box) == (slice(*rows), slice(*cols))
+    holed = box.copy()
+    holed[(rows[0] + rows[1]) // 2, (cols[0] + cols[1]) // 2] = False  # the middle: never a smaller rectangle
+    for mask in (box, holed, box.astype(np.float32)):
+        if mask is holed and not mask.any():
+            continue
+        m64 = mask.astype(np.float64)
+        np.testing.assert_allclose(explain.project_region(mask, grid), ry.T @ m64 @ rx, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(explain.grid_coverage(mask, grid), ay @ m64 @ ax.T, rtol=1e-12, atol=1e-12)
+    if holed.any():
+        assert explain._rectangle(holed) is None
+
+
 def test_top_k_desc_partitioned_path_equals_a_full_sort():
     """The partition shortcut (k << N) gives exactly a full sort's answer: ties by lower index, NaN and
     infinities included."""
