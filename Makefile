@@ -115,9 +115,12 @@ bench-gpu: venv proto
 
 # The dynamic batcher's settings from measurements: the forward's cost per image by batch size, and
 # perf_analyzer at 1/8/32 clients for each max_queue_delay candidate; regenerates docs/batching.md.
+# BENCH_BATCHING_ARGS="--from-json runs/bench-batching.json" re-renders the last run's document.
+BENCH_BATCHING_ARGS ?=
 bench-batching: venv proto triton-env perf-analyzer
 	mkdir -p $(RUNS)
-	$(PY) -m tests.bench.batching --perf-analyzer $(PERF_VENV)/bin/perf_analyzer --json $(RUNS)/bench-batching.json
+	$(PY) -m tests.bench.batching --perf-analyzer $(PERF_VENV)/bin/perf_analyzer $(BENCH_BATCHING_ARGS) \
+	  --json $(RUNS)/bench-batching.json
 
 # ---------------------------------------------------------------- demo
 demo: venv proto

@@ -45,7 +45,8 @@ def export(
                                         "halves them on the Triton hop and in the gateway cache; predictions unchanged; "
                                         "docs/DESIGN.md 'Maps dtype')"),
     max_batch_size: int = typer.Option(32, "--max-batch-size"),
-    max_queue_delay_us: int = typer.Option(2000, "--max-queue-delay-us", help="dynamic batcher delay (µs)"),
+    max_queue_delay_us: int = typer.Option(0, "--max-queue-delay-us",
+                                           help="dynamic batcher delay (µs); 0 measured best on CPU (docs/batching.md)"),
     instance_kind: str = typer.Option("auto", "--instance-kind", help="auto | cpu | gpu"),
     instance_count: int = typer.Option(1, "--instance-count"),
     tensorrt: Optional[str] = typer.Option(None, "--tensorrt",

@@ -54,17 +54,25 @@ class TensorSpec:
             raise ValueError(f"tensor {self.name!r} has dtype {self.dtype!r}; supported: {sorted(_NP_TO_TRITON)}") from exc
 
 
+# Written above dynamic_batching in every config.pbtxt whose delay is the default (make bench-batching).
+BATCHING_REASON = """dynamic_batching, measured at the paper's size on 2 CPU cores (make bench-batching, docs/batching.md):
+max_queue_delay_microseconds 0: requests that arrive while a batch runs (tens of ms on a CPU) queue and
+merge into the next batch without any delay (see the mean batch at 32 clients); a delay did not raise
+images/s beyond the run-to-run noise and a lone request waits all of it. No preferred_batch_size: the
+cost per image falls smoothly with the batch size, no size is special. Rerun on a GPU before changing."""
+
+
 @dataclass
 class TritonOptions:
     """Serving knobs that go into both ``config.pbtxt`` files.
 
-    ``max_queue_delay_us``: how long the dynamic batcher holds a request to merge it with later ones
-    (small: concurrent requests still merge, a lone request waits at most 2 ms).
+    ``max_queue_delay_us``: how long the dynamic batcher holds a request to merge it with later ones;
+    default 0, from measurements (``BATCHING_REASON``, docs/batching.md).
     ``intra_op_threads``: onnxruntime threads per instance (0 = onnxruntime's default).
     """
 
     max_batch_size: int = 32
-    max_queue_delay_us: int = 2000
+    max_queue_delay_us: int = 0
     instance_kind: str = "auto"
     instance_count: int = 1
     tensorrt: str | None = None
@@ -169,6 +177,9 @@ def model_config(name: str, flavour: str, inputs: list[TensorSpec], outputs: lis
         "input": [_tensor(t) for t in inputs],
         "output": [_tensor(t) for t in outputs],
         "instance_group": [{"count": int(opts.instance_count), "kind": Enum(INSTANCE_KINDS[opts.instance_kind])}],
+        "# batching": Comment(BATCHING_REASON if opts.max_queue_delay_us == TritonOptions.max_queue_delay_us else
+                              f"max_queue_delay_microseconds set by salfctl export --max-queue-delay-us (the "
+                              f"measured default is {TritonOptions.max_queue_delay_us}: docs/batching.md)"),
         "dynamic_batching": {"max_queue_delay_microseconds": int(opts.max_queue_delay_us)},
     }
     if flavour == "onnxruntime":

@@ -31,7 +31,7 @@ def test_config_parses_as_triton_model_config(flavour):
     assert [o.name for o in cfg.output] == ["concept_maps", "concept_scores", "logits"]
     assert all(o.data_type == model_config_pb2.TYPE_FP32 for o in cfg.output)
     assert list(cfg.output[0].dims) == [6, 7, 7]
-    assert cfg.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert cfg.HasField("dynamic_batching") and cfg.dynamic_batching.max_queue_delay_microseconds == 0
     assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_AUTO
     assert cfg.version_policy.latest.num_versions == 2  # the newest two: a version switch never strands requests in flight
     warm = cfg.model_warmup[0]
@@ -91,3 +91,13 @@ def test_exported_configs_match_graph_shapes_in_both_flavours(exported_repo, tmp
             assert (repo / name / "1" / "model.py").exists() == (flavour == "python")
     assert '"flavour": "onnxruntime"' in (repo / "salf_model.json").read_text()
     assert [t.dims for t in graph_io(repo / "salf_cbm" / "1" / "model.onnx")[1]] == [(6, 7, 7), (6,), (3,)]
+
+
+def test_the_batching_settings_carry_their_reason():
+    """The measured default says why in the file itself; a chosen delay says it was chosen."""
+    text = to_pbtxt(model_config("salf_cbm", "python", [IMAGE], OUTS))
+    assert "# dynamic_batching, measured at the paper's size" in text and "docs/batching.md" in text
+    assert text.index("# dynamic_batching") < text.index("dynamic_batching {")
+    chosen = to_pbtxt(model_config("salf_cbm", "python", [IMAGE], OUTS, TritonOptions(max_queue_delay_us=500)))
+    assert "set by salfctl export --max-queue-delay-us" in chosen and "max_queue_delay_microseconds: 500" in chosen
+    assert text_format.Parse(chosen, CFG()).dynamic_batching.max_queue_delay_microseconds == 500
