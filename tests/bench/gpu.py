@@ -9,8 +9,10 @@ In one run, on the paper's size with random weights (`salfctl train random --con
    is none) at batch 1 and at `--batch`;
 3. `salfctl serve --device cuda` (the embedded backend on the CUDA provider): Predict and Explain p50
    through real gRPC next to that bare forward.
-Prints a JSON document and writes it with --json; the figures go to docs/gpu.md by hand from that
-JSON only if they come from this script (say where and when in the doc).
+Prints a JSON document and writes it with --json. On a CPU (no bf16 units) the torch comparison runs in
+float32 at batch 4. onnxruntime-gpu here is built for CUDA 13 and cuDNN 9: on the GPU machine their
+pip wheels (nvidia-cublas, nvidia-cudnn, ...) or system libraries must be loadable, or the CUDA provider
+falls back to the CPU, which the JSON's "providers" entries show.
 """
 from __future__ import annotations
 
@@ -51,8 +53,10 @@ def torch_models(bundle: Path, batch: int, repeats: int) -> dict:
     model = model.eval().to(device)
     plain = torchvision.models.resnet50(weights=None).eval().to(device)
     x = torch.randn(batch, 3, 224, 224, device=device)
-    out = {"device": device, "batch": batch, "salf_cbm": [], "resnet50": []}
-    with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16):
+    out = {"device": device, "dtype": "bfloat16" if device == "cuda" else "float32", "batch": batch,
+           "salf_cbm": [], "resnet50": []}
+    # bf16 where the hardware has it (the GPU); a CPU without bf16 units runs it ~30x slower, so float32 there
+    with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
         for _ in range(3):  # interleaved rounds
             out["salf_cbm"].append(_images_per_s(lambda: model(x), batch, repeats, sync))
             out["resnet50"].append(_images_per_s(lambda: plain(x), batch, repeats, sync))
@@ -99,20 +103,21 @@ def gateway(repo: Path, work: Path, samples: int) -> dict:
     finally:
         serve.stop()
     log = (work / "serve.log").read_text()
-    providers = next((line.split("providers", 1)[1].strip() for line in log.splitlines() if "providers" in line), "")
+    providers = next((line.split("providers", 1)[1].strip() for line in log.splitlines()
+                      if "embedded backend:" in line), "")
     return {"providers": providers, **{k: round(1000 * float(np.median(v)), 2) for k, v in times.items()}}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=None, help="default: 256 on a GPU, 8 on a CPU")
+    ap.add_argument("--batch", type=int, default=None, help="default: 256 on a GPU, 4 on a CPU")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--samples", type=int, default=30)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     import torch
 
-    batch = args.batch or (256 if torch.cuda.is_available() else 8)
+    batch = args.batch or (256 if torch.cuda.is_available() else 4)
     repeats = args.repeats if torch.cuda.is_available() else min(args.repeats, 2)
     exe = str(Path(sys.executable).parent / "salfctl")
     doc: dict = {}
