@@ -160,8 +160,8 @@ def run(perf_binary: Path, repo: Path, concurrencies: list[int], seconds: float,
             if proc is not None:
                 proc.stop()
         triton.stop()
-    batching = [line.strip() for line in config.splitlines() if "queue_delay" in line or "preferred" in line
-                or "max_batch_size" in line]
+    batching = [line.strip() for line in config.splitlines() if not line.strip().startswith("#")
+                and ("queue_delay" in line or "preferred" in line or "max_batch_size" in line)]
     return {"config": batching, "seconds": seconds, "results": results}
 
 
