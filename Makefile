@@ -14,7 +14,7 @@ DEMO_SYNTH_ARGS ?=
 DEMO_PORT ?= 50151
 DEMO_REPO ?= model_repository
 
-.PHONY: all venv proto demo test test-unit test-integration triton-env triton prometheus-bin chromium-bin ui ui-story clean bench-similarity bench-serving bench-mixed bench-overhead bench-throughput bench-batching bench-gpu perf-analyzer
+.PHONY: all venv proto demo test test-unit test-integration triton-env triton prometheus-bin chromium-bin ui ui-story clean bench-similarity bench-serving bench-mixed bench-overhead bench-throughput bench-batching bench-gpu bench-quality perf-analyzer
 
 all: venv proto
 
@@ -106,6 +106,13 @@ bench-throughput: venv proto triton-env perf-analyzer
 	mkdir -p $(RUNS)
 	$(PY) -m tests.bench.throughput --perf-analyzer $(PERF_VENV)/bin/perf_analyzer $(BENCH_THROUGHPUT_ARGS) \
 	  --json $(RUNS)/bench-throughput.json
+
+# The evaluation harness (salfctl eval, issue 14) on the demo model (trained here if `make demo` has not
+# run), every baseline, the whole test split; regenerates docs/results.md and docs/results/*.png.
+BENCH_QUALITY_ARGS ?=
+bench-quality: venv
+	mkdir -p $(RUNS)
+	$(PY) -m tests.bench.quality $(BENCH_QUALITY_ARGS) --json $(RUNS)/bench-quality.json
 
 # The one prepared script for a lent GPU (issue 12): SALF-CBM vs plain ResNet-50 in bf16 at batch 256, the
 # exported graph on onnxruntime's CUDA provider, the gateway with --device cuda. Runs on a CPU too (slowly).

@@ -14,6 +14,7 @@ from clients.ui import cli as ui_cli
 from export import cli as export_cli
 from serving import cli as serving_cli
 from training.cli import data_app, train_app
+from training.quality import cli as eval_cli
 
 # Commands whose output is their result (tables, JSON, a one-line summary): their INFO logs would only
 # repeat it, so they log warnings unless -v. Pipelines (train, export, serve, triton) log progress at INFO.
@@ -37,6 +38,7 @@ export_cli.register(app)
 serving_cli.register(app)
 client_commands.register(app)
 ui_cli.register(app)
+eval_cli.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,78 @@
+"""`salfctl eval` end to end on the quickly trained run of the session (tests/fixtures/trained.py) and
+the small synthetic set: every protocol runs, with real grad-cam and captum baselines, and the figures
+keep the relations that must hold whatever the model's quality."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from tests.fixtures.gateway import ROOT, SALFCTL
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def evaluation(trained_run, synth_data):
+    from training.quality.protocols import run_eval
+
+    return run_eval(trained_run / "bundle", synth_data, limit=16,
+                    baselines=("GradCAM", "Integrated Gradients", "LRP"), seed=0)
+
+
+def test_classification_rows_and_the_bundles_own_accuracy(evaluation, trained_run):
+    rows = evaluation["classification"]["rows"]
+    assert list(rows) == ["standard dense", "standard sparse", "SALF-CBM dense", "SALF-CBM sparse (the bundle's head)"]
+    for r in rows.values():
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["nonzero_per_class"] > 0
+    report = json.loads((trained_run / "report.json").read_text())
+    own = rows["SALF-CBM sparse (the bundle's head)"]
+    assert own["accuracy"] == pytest.approx(report["test_accuracy"], abs=1e-6)  # training's own evaluation
+    budget = evaluation["classification"]["sparse_budget_per_class"]
+    assert rows["standard sparse"]["nonzero_per_class"] <= budget
+    assert 0.0 <= rows["standard sparse"]["accuracy_nec5"] <= 1.0
+
+
+def test_localisation_has_every_method_and_the_trivial_floor(evaluation):
+    loc = evaluation["localisation"]
+    rows = loc["rows"]
+    assert {"SALF-CBM", "GradCAM", "Integrated Gradients", "trivial: all background", "trivial: centred Gaussian",
+            "trivial: uniform random"} <= set(rows)
+    assert "LRP" in rows or "LRP" in loc["unavailable"]  # a number, or the reason it cannot run here
+    for r in rows.values():
+        for k in ("pixel_accuracy", "miou", "map", "pointing"):
+            assert 0.0 <= r[k] <= 1.0, (k, r)
+        assert r["images"] == 16
+    # the all-background map is right exactly on the background, and its AP is the foreground share
+    assert rows["trivial: all background"]["pixel_accuracy"] == pytest.approx(1 - loc["foreground_share"])
+    assert rows["trivial: all background"]["pointing"] == 0.0
+    assert len(loc["_examples"]) == 4
+
+
+def test_concepts_rules_and_cost(evaluation):
+    cl = evaluation["concepts_localisation"]
+    assert set(cl["per_concept"]) == {"SALF-CBM", "position-blind"}
+    present = [v for v in cl["per_concept"]["SALF-CBM"]["iou_half"].values() if v is not None and not np.isnan(v)]
+    assert present and all(0.0 <= v <= 1.0 for v in present)
+    rules = evaluation["rules"]
+    assert len(rules["share"]) == 8 and 0.0 <= rules["mean_share"] <= 1.0
+    assert rules["defining"]["balloon"] == ["circle", "string"]
+    cost = evaluation["cost"]["seconds_per_image"]
+    assert set(cost) == {"SALF-CBM", "GradCAM", "Integrated Gradients"} and all(v > 0 for v in cost.values())
+
+
+def test_salfctl_eval_writes_json_and_figure(trained_run, synth_data, tmp_path):
+    out = tmp_path / "eval"
+    proc = subprocess.run([*SALFCTL, "eval", str(trained_run), "--data", str(synth_data), "--limit", "8",
+                           "--baselines", "GradCAM", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Class heatmaps against the object's silhouette" in proc.stdout and "trivial: all background" in proc.stdout
+    doc = json.loads((out / "eval.json").read_text())
+    assert doc["supervision"] == "masks" and "_examples" not in doc["localisation"]
+    assert (out / "localisation.png").stat().st_size > 1000
+    bad = subprocess.run([*SALFCTL, "eval", str(trained_run), "--data", str(synth_data), "--baselines", "Nope"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown baseline" in bad.stderr

@@ -1,0 +1,53 @@
+"""`salfctl eval`: the evaluation harness on a trained bundle (training/quality/protocols.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from clients.cli import command
+from training.commands import training_errors
+
+
+def register(app: typer.Typer) -> None:
+    @command(app, "eval", training_errors)
+    def evaluate(
+        bundle: Path = typer.Argument(..., help="bundle folder, or a training run folder holding bundle/"),
+        data: Path = typer.Option(..., "--data", help="dataset (train/, test/, optional val/; masks for localisation)"),
+        out: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="eval.json and figures go here"),
+        limit: Optional[int] = typer.Option(None, "--limit", help="test images for localisation (default all)"),
+        train_limit: Optional[int] = typer.Option(None, "--train-limit", help="train images for the heads (default all)"),
+        baselines: str = typer.Option(",".join(_baselines()), "--baselines",
+                                      help="comma-separated heatmap baselines, or 'none'"),
+        seed: int = typer.Option(0, "--seed"),
+    ) -> None:
+        """Classification (Table 1 shape), class-heatmap localisation against GradCAM & co. and trivial maps
+        (Table 2 shape), concept localisation, rules and the cost of an explanation; prints the tables,
+        writes OUT/eval.json and OUT/localisation.png."""
+        from rich.console import Console
+        from rich.markdown import Markdown
+
+        from .protocols import run_eval
+        from .report import tables, write
+
+        if not (bundle / "bundle.json").is_file() and (bundle / "bundle" / "bundle.json").is_file():
+            bundle = bundle / "bundle"
+        chosen = [] if baselines.strip().lower() == "none" else [b.strip() for b in baselines.split(",") if b.strip()]
+        unknown = [b for b in chosen if b not in _baselines()]
+        if unknown:
+            raise typer.BadParameter(f"unknown baseline(s) {unknown}; choose from {', '.join(_baselines())}")
+        doc = run_eval(bundle, data, limit=limit, baselines=tuple(chosen), seed=seed, train_limit=train_limit)
+        paths = write(doc, out)
+        console = Console()
+        console.print(f"supervision of the concept maps: {doc['supervision']}")
+        for title, lines in tables(doc).items():
+            console.print(Markdown(f"### {title}\n\n" + "\n".join(lines)))
+        for what, path in paths.items():
+            console.print(f"wrote {path}")
+
+
+def _baselines() -> tuple[str, ...]:
+    from .attributions import BASELINES
+
+    return BASELINES

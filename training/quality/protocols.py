@@ -1,0 +1,308 @@
+"""`salfctl eval`: a trained SALF-CBM against the paper's protocols (sections 4.1-4.2, Tables 1-2) and
+the standard heatmap methods, on a dataset in the DESIGN layout. Each protocol returns a JSON-ready
+dict; :func:`run_eval` runs them all, :mod:`training.quality.report` prints and renders them.
+
+1. **classification** (Table 1 shape): on the same frozen backbone, a standard dense and a standard
+   sparse head on the pooled backbone features, and the SALF-CBM's dense and sparse heads on its
+   standardised concept scores (the sparse one is the bundle's own head); test accuracy, mean non-zero
+   weights per class, and accuracy at NEC = 5 (the regularisation path refit to at most 5 non-zero
+   weights per class), so sparsity compares across methods. Same solver as training (GLM-SAGA-style
+   elastic net, alpha 0.99).
+2. **localisation** (Table 2 shape): each method's heatmap of the image's true class against the
+   object's silhouette; pixel accuracy, mIoU and mAP (training/quality/metrics.py) and the pointing
+   game; the baselines explain the standard dense model (attributions.py); trivial maps are rows too.
+3. **concepts**: per-concept IoU (maps thresholded at half their range, and at their mean) and the
+   pointing game against each concept's mask, next to a position-blind baseline (the concept's mean
+   map over the split).
+4. **rules**: the share of each class's head weight on its defining concepts (synthetic set).
+5. **cost**: seconds per explained image, SALF-CBM (one forward: every concept map, the class map and
+   five upsampled heatmaps) against GradCAM and Integrated Gradients on the same backbone and batch.
+
+Supervision: the table says what the CBL was trained on (the bundle's similarity source). With the
+``masks`` source the concept maps were supervised with the synthetic set's own concept masks (the
+key object's shape masks among them): localisation on that set is then not zero-shot.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.evaluate import THRESHOLD_RULES, IoUAccumulator, threshold_maps
+from training.model import normalize_uint8
+
+from . import metrics
+from .attributions import BASELINES, StandardClassifier, baseline_maps, salf_class_maps, seconds_per_image
+
+log = logging.getLogger(__name__)
+
+NEC = 5
+ALPHA = 0.99
+KEY_SHAPES = ("circle", "square", "triangle")  # the synthetic set's key objects (training/data/synth.py)
+
+
+# ------------------------------------------------------------------ features
+@torch.no_grad()
+def _features(model, dataset, batch_size: int = 64, limit: int | None = None):
+    """Pooled backbone features ``[N, D]``, the model's standardised concept scores ``[N, M]``, logits
+    and labels over ``dataset`` (the first ``limit`` items)."""
+    spec = model.backbone.spec
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    pooled, scores, logits, labels = [], [], [], []
+    for start in range(0, n, batch_size):
+        items = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        images = torch.stack([im for im, _ in items])
+        feats = model.backbone(normalize_uint8(images, spec.mean, spec.std))
+        from training.model import resize_to_grid
+
+        pooled.append(resize_to_grid(feats, model.grid).mean(dim=(2, 3)))
+        s, lg = model.head(model.cbl(feats))
+        scores.append(s)
+        logits.append(lg)
+        labels += [int(y) for _, y in items]
+    return torch.cat(pooled), torch.cat(scores), torch.cat(logits), torch.tensor(labels)
+
+
+def _standardised(train: torch.Tensor, *others: torch.Tensor):
+    from training.head import standardisation
+
+    mean, std = standardisation(train)
+    return mean, std, [(x - mean) / std for x in (train, *others)]
+
+
+# ------------------------------------------------------------------ 1. classification
+def classification(model, train, test, num_classes: int, val=None) -> tuple[dict, StandardClassifier]:
+    from training.head import accuracy, fit_dense, fit_path
+
+    f_tr, s_tr, _, y_tr = train
+    f_te, s_te, logits_te, y_te = test
+    f_va = s_va = y_va = None
+    if val is not None:
+        f_va, s_va, _, y_va = val
+    f_mean, f_std, fs = _standardised(f_tr, f_te, *( [f_va] if f_va is not None else []))
+    f_tr_z, f_te_z = fs[0], fs[1]
+    f_va_z = fs[2] if f_va is not None else None
+    own = model.head.linear.weight.detach()
+    budget = max(1, int((own != 0).sum(dim=1).max()))
+    rows = {}
+
+    def row(name, fit, x_te, concepts=None):
+        nz = (fit.weight != 0).sum(dim=1).float()
+        rows[name] = {"accuracy": accuracy(x_te, y_te, fit.weight, fit.bias), "nonzero_per_class": float(nz.mean()),
+                      "concepts": concepts}
+
+    dense = fit_dense(f_tr_z, y_tr, num_classes, 1e-3, f_va_z, y_va)
+    row("standard dense", dense, f_te_z)
+    row("standard sparse", fit_path(f_tr_z, y_tr, num_classes, ALPHA, budget, x_val=f_va_z, y_val=y_va), f_te_z)
+    row("SALF-CBM dense", fit_dense(s_tr, y_tr, num_classes, 1e-3, s_va, y_va), s_te, s_tr.shape[1])
+    kept = int((own != 0).any(dim=0).sum())
+    rows["SALF-CBM sparse (the bundle's head)"] = {
+        "accuracy": float((logits_te.argmax(1) == y_te).float().mean()),
+        "nonzero_per_class": float((own != 0).sum(dim=1).float().mean()), "concepts": kept}
+    nec = {"standard": fit_path(f_tr_z, y_tr, num_classes, ALPHA, NEC, x_val=f_va_z, y_val=y_va),
+           "SALF-CBM": fit_path(s_tr, y_tr, num_classes, ALPHA, NEC, x_val=s_va, y_val=y_va)}
+    for name, fit in nec.items():
+        key = next(k for k in rows if k.startswith(name) and ("sparse" in k))
+        rows[key][f"accuracy_nec{NEC}"] = accuracy(f_te_z if name == "standard" else s_te, y_te, fit.weight, fit.bias)
+    classifier = StandardClassifier(model, f_mean, f_std, dense.weight, dense.bias).eval()
+    return {"rows": rows, "sparse_budget_per_class": budget, "nec": NEC, "test_images": int(len(y_te))}, classifier
+
+
+# ------------------------------------------------------------------ 2. localisation
+def foreground(dataset, i: int) -> np.ndarray | None:
+    """The key object's silhouette on the synthetic set (the union of its shape concepts' masks)."""
+    concepts = dataset.concepts or []
+    rows = [concepts.index(c) for c in KEY_SHAPES if c in concepts]
+    if not rows or not getattr(dataset, "has_masks", False):
+        return None
+    return dataset.load_masks(i)[rows].any(axis=0)
+
+
+def sample(dataset, limit: int | None, seed: int) -> list[int]:
+    """``limit`` indices of ``dataset`` (all without a limit), a seeded draw in index order: splits are
+    sorted by class, so the first N would be a few classes only."""
+    n = len(dataset)
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).choice(n, size=limit, replace=False).tolist())
+
+
+def localisation(model, classifier: StandardClassifier, dataset, indices: list[int], baselines=BASELINES,
+                 batch_size: int = 16, seed: int = 0, keep_examples: int = 4) -> dict:
+    spec = model.backbone.spec
+    n = len(indices)
+    if n == 0 or foreground(dataset, indices[0]) is None:
+        return {"skipped": "the dataset has no object masks (the synthetic set's shape masks)"}
+    rng = np.random.default_rng(seed)
+    scores = {"SALF-CBM": metrics.SegmentationScores(), **{b: metrics.SegmentationScores() for b in baselines}}
+    unavailable: dict[str, str] = {}
+    trivial_names = list(metrics.trivial_maps((2, 2), rng))
+    scores.update({f"trivial: {t}": metrics.SegmentationScores() for t in trivial_names})
+    examples = []
+    fg_share = []
+    for start in range(0, n, batch_size):
+        idx = indices[start:start + batch_size]
+        items = [dataset[i] for i in idx]
+        images = torch.stack([im for im, _ in items])
+        labels = torch.tensor([int(y) for _, y in items])
+        masks = [foreground(dataset, i) for i in idx]
+        fg_share += [float(m.mean()) for m in masks]
+        heats = {"SALF-CBM": salf_class_maps(model, images, labels)}
+        for b in baselines:
+            if b in unavailable:
+                continue
+            try:
+                heats[b] = baseline_maps(b, classifier, images, labels, spec.mean, spec.std)
+            except Exception as exc:  # noqa: BLE001 - a method that cannot run on this backbone says why
+                unavailable[b] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                log.warning("%s cannot explain this backbone: %s", b, unavailable[b])
+        for j, mask in enumerate(masks):
+            for name, h in heats.items():
+                scores[name].add(h[j], mask)
+            for t, h in metrics.trivial_maps(mask.shape, rng).items():
+                scores[f"trivial: {t}"].add(h, mask)
+            if len(examples) < keep_examples:
+                examples.append({"image": images[j].numpy(), "mask": mask, "label": int(labels[j]),
+                                 "heatmaps": {k: v[j] for k, v in heats.items()}})
+    return {"rows": {k: v.result() for k, v in scores.items() if k not in unavailable},
+            "unavailable": unavailable, "images": n, "foreground_share": float(np.mean(fg_share)),
+            "target": "the image's true class", "_examples": examples}
+
+
+# ------------------------------------------------------------------ 3. concepts
+@torch.no_grad()
+def concept_localisation(model, concepts: list[str], dataset, indices: list[int], batch_size: int = 32) -> dict:
+    if not getattr(dataset, "has_masks", False) or dataset.concepts is None:
+        return {"skipped": "the dataset has no concept masks"}
+    rows = {c: dataset.concepts.index(c) for c in concepts if c in dataset.concepts}
+    names = list(rows)
+    if not names:
+        return {"skipped": "none of the model's concepts has a mask in the dataset"}
+    sel = [concepts.index(c) for c in names]
+    spec = model.backbone.spec
+    n = len(indices)
+    all_maps, all_masks = [], []
+    for start in range(0, n, batch_size):
+        idx = indices[start:start + batch_size]
+        images = torch.stack([dataset[i][0] for i in idx])
+        maps, _, _ = model(normalize_uint8(images, spec.mean, spec.std))
+        all_maps.append(maps[:, sel])
+        all_masks += [torch.from_numpy(dataset.load_masks(i)[[rows[c] for c in names]]) for i in idx]
+    maps = torch.cat(all_maps)
+    mean_map = maps.mean(dim=0)
+    size = tuple(all_masks[0].shape[1:])
+    out = {}
+    for which, source in (("SALF-CBM", maps), ("position-blind", mean_map[None].expand_as(maps))):
+        iou = {r: IoUAccumulator(len(names)) for r in THRESHOLD_RULES}
+        hits = np.zeros(len(names))
+        present = np.zeros(len(names))
+        for k in range(len(all_masks)):
+            up = torch.nn.functional.interpolate(source[k:k + 1].float(), size=size, mode="bilinear",
+                                                 align_corners=False)[0]
+            for r in THRESHOLD_RULES:
+                iou[r].add(threshold_maps(source[k:k + 1], size, r)[0], all_masks[k])
+            for m in range(len(names)):
+                if all_masks[k][m].any():
+                    present[m] += 1
+                    hits[m] += metrics.pointing_hit(up[m].numpy(), all_masks[k][m].numpy())
+        with np.errstate(invalid="ignore", divide="ignore"):
+            pointing = np.where(present > 0, hits / np.maximum(present, 1), np.nan)
+        out[which] = {"iou_half": dict(zip(names, iou["half"].per_concept().tolist())),
+                      "iou_mean_rule": dict(zip(names, iou["mean"].per_concept().tolist())),
+                      "pointing": dict(zip(names, pointing.tolist()))}
+    summary = {w: {k: float(np.nanmean(list(v.values()))) for k, v in d.items()} for w, d in out.items()}
+    return {"per_concept": out, "mean": summary, "images": n}
+
+
+# ------------------------------------------------------------------ 4. rules
+def defining_concepts(classes: list[str]) -> dict[str, list[str]]:
+    """The synthetic set's class -> its defining concepts (shape + texture, or circle + string/grass)."""
+    from training.data.synth import CLASSES
+
+    rules = {}
+    for rule in CLASSES:
+        if rule.name in classes:
+            extra = rule.texture if rule.texture else ("string" if rule.placement == "balloon" else "grass")
+            rules[rule.name] = [rule.shape, extra]
+    return rules
+
+
+def rules(model, concepts: list[str], classes: list[str]) -> dict:
+    defining = defining_concepts(classes)
+    if not defining:
+        return {"skipped": "no defining concepts known for these classes (the synthetic set's)"}
+    w = model.head.linear.weight.detach().numpy()
+    idx = {classes.index(c): [concepts.index(x) for x in d if x in concepts] for c, d in defining.items()}
+    share = metrics.weight_share(w, idx)
+    per_class = {classes[k]: v for k, v in share.items()}
+    top = {classes[k]: [(concepts[m], float(w[k, m])) for m in np.argsort(-np.abs(w[k]))[:4] if w[k, m] != 0]
+           for k in idx}
+    return {"share": per_class, "mean_share": float(np.nanmean(list(per_class.values()))),
+            "defining": defining, "top_weights": top}
+
+
+# ------------------------------------------------------------------ 5. cost
+def cost(model, classifier: StandardClassifier, dataset, batch: int = 8, repeats: int = 3) -> dict:
+    spec = model.backbone.spec
+    images = torch.stack([dataset[i][0] for i in range(min(batch, len(dataset)))])
+
+    @torch.no_grad()
+    def salf(x):
+        maps, scores, logits = model(normalize_uint8(x, spec.mean, spec.std))
+        target = logits.argmax(1)
+        contrib = model.head.linear.weight[target] * scores
+        top = contrib.topk(min(5, maps.shape[1]), dim=1).indices
+        chosen = torch.stack([maps[b, top[b]] for b in range(len(x))])
+        return torch.nn.functional.interpolate(chosen, size=tuple(x.shape[1:3]), mode="bilinear", align_corners=False)
+
+    def with_target(method):
+        def run(x):
+            with torch.no_grad():
+                target = classifier(normalize_uint8(x, spec.mean, spec.std)).argmax(1)
+            return baseline_maps(method, classifier, x, target, spec.mean, spec.std)
+        return run
+
+    out = {"batch": len(images), "seconds_per_image": {"SALF-CBM": seconds_per_image(salf, images, repeats)}}
+    for method in ("GradCAM", "Integrated Gradients"):
+        out["seconds_per_image"][method] = seconds_per_image(with_target(method), images, repeats)
+    base = out["seconds_per_image"]["SALF-CBM"]
+    out["times_cheaper"] = {k: v / base for k, v in out["seconds_per_image"].items() if k != "SALF-CBM"}
+    return out
+
+
+# ------------------------------------------------------------------ all of it
+def run_eval(bundle: str | Path, data: str | Path, limit: int | None = None, baselines=BASELINES, seed: int = 0,
+             train_limit: int | None = None) -> dict:
+    """Every protocol on ``bundle`` with ``data`` (train split for the heads, val when present, test for
+    the scores); ``limit``: test images for localisation (default all); ``train_limit``: train images."""
+    from training.bundle import load_bundle
+    from training.data.folder import ImageFolderSplit
+
+    torch.manual_seed(seed)
+    model, meta = load_bundle(bundle)
+    size = meta.backbone.input_size
+    train = ImageFolderSplit(data, "train", size)
+    test = ImageFolderSplit(data, "test", size)
+    val = ImageFolderSplit(data, "val", size) if (Path(data) / "val").is_dir() else None
+    chosen = sample(test, limit, seed)
+    n_test = len(chosen)
+    log.info("features of train%s and test", " and val" if val else "")
+    f_train = _features(model, train, limit=train_limit)
+    f_val = _features(model, val) if val is not None else None
+    f_test = _features(model, test)
+    doc = {"bundle": str(bundle), "data": str(data), "seed": seed,
+           "supervision": (meta.similarity or {}).get("source", "unknown"),
+           "concepts": list(meta.concepts), "classes": list(meta.classes)}
+    log.info("1/5 classification")
+    doc["classification"], classifier = classification(model, f_train, f_test, len(meta.classes), f_val)
+    log.info("2/5 localisation on %d test images", n_test)
+    doc["localisation"] = localisation(model, classifier, test, chosen, baselines, seed=seed)
+    log.info("3/5 concept localisation")
+    doc["concepts_localisation"] = concept_localisation(model, list(meta.concepts), test, chosen)
+    log.info("4/5 rules")
+    doc["rules"] = rules(model, list(meta.concepts), list(meta.classes))
+    log.info("5/5 cost of an explanation")
+    doc["cost"] = cost(model, classifier, test)
+    return doc

@@ -1,0 +1,139 @@
+"""Tables (markdown) and figures (PNG) of an evaluation document from :func:`protocols.run_eval`."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def _f(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def classification_table(doc: dict) -> list[str]:
+    c = doc["classification"]
+    lines = [f"| model | test accuracy | mean non-zero weights per class | concepts | accuracy at NEC={c['nec']} |",
+             "|---|---:|---:|---:|---:|"]
+    nec_key = f"accuracy_nec{c['nec']}"
+    for name, r in c["rows"].items():
+        lines.append(f"| {name} | {_f(r['accuracy'])} | {_f(r['nonzero_per_class'], 1)} | {_f(r.get('concepts'))} | "
+                     f"{_f(r.get(nec_key))} |")
+    return lines
+
+
+def localisation_table(doc: dict) -> list[str]:
+    loc = doc["localisation"]
+    if "skipped" in loc:
+        return [f"Skipped: {loc['skipped']}."]
+    rows = loc["rows"]
+    best = {k: max(r[k] for r in rows.values() if not math.isnan(r[k])) for k in ("pixel_accuracy", "miou", "map",
+                                                                                     "pointing")}
+
+    def cell(r, k):
+        text = _f(r[k])
+        return f"**{text}**" if r[k] == best[k] else text
+
+    lines = ["| heatmap | pixel accuracy | mIoU | mAP | pointing game |", "|---|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {cell(r, 'pixel_accuracy')} | {cell(r, 'miou')} | {cell(r, 'map')} | "
+                     f"{cell(r, 'pointing')} |")
+    for name, why in loc.get("unavailable", {}).items():
+        lines.append(f"| {name} | not applicable: {why} | | | |")
+    return lines
+
+
+def concepts_table(doc: dict) -> list[str]:
+    cl = doc["concepts_localisation"]
+    if "skipped" in cl:
+        return [f"Skipped: {cl['skipped']}."]
+    per = cl["per_concept"]
+    lines = ["| concept | IoU (half) | position-blind | IoU (mean rule) | position-blind | pointing | position-blind |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for c in per["SALF-CBM"]["iou_half"]:
+        s, b = per["SALF-CBM"], per["position-blind"]
+        lines.append(f"| {c} | {_f(s['iou_half'][c])} | {_f(b['iou_half'][c])} | {_f(s['iou_mean_rule'][c])} | "
+                     f"{_f(b['iou_mean_rule'][c])} | {_f(s['pointing'][c])} | {_f(b['pointing'][c])} |")
+    m = cl["mean"]
+    lines.append(f"| **mean** | {_f(m['SALF-CBM']['iou_half'])} | {_f(m['position-blind']['iou_half'])} | "
+                 f"{_f(m['SALF-CBM']['iou_mean_rule'])} | {_f(m['position-blind']['iou_mean_rule'])} | "
+                 f"{_f(m['SALF-CBM']['pointing'])} | {_f(m['position-blind']['pointing'])} |")
+    return lines
+
+
+def rules_table(doc: dict) -> list[str]:
+    r = doc["rules"]
+    if "skipped" in r:
+        return [f"Skipped: {r['skipped']}."]
+    lines = ["| class | defining concepts | weight share on them | largest weights |", "|---|---|---:|---|"]
+    for cls, share in r["share"].items():
+        top = ", ".join(f"{n} {w:+.2f}" for n, w in r["top_weights"].get(cls, []))
+        lines.append(f"| {cls} | {', '.join(r['defining'][cls])} | {_f(share)} | {top} |")
+    lines.append(f"| **mean** | | {_f(r['mean_share'])} | |")
+    return lines
+
+
+def cost_table(doc: dict) -> list[str]:
+    c = doc["cost"]
+    lines = [f"| method | ms per image (batch {c['batch']}) | SALF-CBM is cheaper by |", "|---|---:|---:|"]
+    for k, v in c["seconds_per_image"].items():
+        ratio = "" if k == "SALF-CBM" else f"{c['times_cheaper'][k]:.1f}x"
+        lines.append(f"| {k} | {v * 1000:.2f} | {ratio} |")
+    return lines
+
+
+def tables(doc: dict) -> dict[str, list[str]]:
+    return {"Classification (Table 1 shape)": classification_table(doc),
+            "Class heatmaps against the object's silhouette (Table 2 shape)": localisation_table(doc),
+            "Concept localisation": concepts_table(doc), "Rules": rules_table(doc),
+            "Cost of an explanation": cost_table(doc)}
+
+
+def localisation_figure(doc: dict, path: Path) -> Path | None:
+    """Rows: example images; columns: image, object mask, each method's heatmap."""
+    examples = doc["localisation"].get("_examples") or []
+    if not examples:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(examples[0]["heatmaps"])
+    cols = 2 + len(methods)
+    fig, axes = plt.subplots(len(examples), cols, figsize=(1.6 * cols, 1.7 * len(examples)), squeeze=False)
+    for r, ex in enumerate(examples):
+        panels = [("image", ex["image"], None), ("object", ex["mask"], "gray")]
+        panels += [(m, ex["heatmaps"][m], "jet") for m in methods]
+        for c, (title, arr, cmap) in enumerate(panels):
+            ax = axes[r][c]
+            ax.imshow(arr, cmap=cmap)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write(doc: dict, out: Path) -> dict[str, Path]:
+    """``eval.json`` (without the example arrays: the figure shows them) and the figures under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    lean = {**doc, "localisation": {k: v for k, v in doc["localisation"].items() if k != "_examples"}}
+    paths = {"json": out / "eval.json"}
+    paths["json"].write_text(json.dumps(json.loads(json.dumps(lean, default=_jsonable)), indent=1) + "\n")
+    fig = localisation_figure(doc, out / "localisation.png")
+    if fig is not None:
+        paths["localisation"] = fig
+    return paths
+
+
+def _jsonable(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(type(value).__name__)
