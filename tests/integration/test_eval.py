@@ -49,6 +49,8 @@ def test_localisation_has_every_method_and_the_trivial_floor(evaluation):
     assert rows["trivial: all background"]["pixel_accuracy"] == pytest.approx(1 - loc["foreground_share"])
     assert rows["trivial: all background"]["pointing"] == 0.0
     assert len(loc["_examples"]) == 4
+    for name in ("SALF-CBM", "GradCAM", "trivial: uniform random"):  # faithfulness, each on its own model
+        assert 0.0 <= rows[name]["deletion_auc"] <= 1.0 and 0.0 <= rows[name]["insertion_auc"] <= 1.0
 
 
 def test_concepts_rules_and_cost(evaluation):

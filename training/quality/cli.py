@@ -25,9 +25,6 @@ def register(app: typer.Typer) -> None:
         """Classification (Table 1 shape), class-heatmap localisation against GradCAM & co. and trivial maps
         (Table 2 shape), concept localisation, rules and the cost of an explanation; prints the tables,
         writes OUT/eval.json and OUT/localisation.png."""
-        from rich.console import Console
-        from rich.markdown import Markdown
-
         from .protocols import run_eval
         from .report import tables, write
 
@@ -39,12 +36,12 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"unknown baseline(s) {unknown}; choose from {', '.join(_baselines())}")
         doc = run_eval(bundle, data, limit=limit, baselines=tuple(chosen), seed=seed, train_limit=train_limit)
         paths = write(doc, out)
-        console = Console()
-        console.print(f"supervision of the concept maps: {doc['supervision']}")
+        # Markdown tables, as docs/results.md has them: stable to read, diff and paste, whatever the terminal.
+        typer.echo(f"supervision of the concept maps: {doc['supervision']}")
         for title, lines in tables(doc).items():
-            console.print(Markdown(f"### {title}\n\n" + "\n".join(lines)))
-        for what, path in paths.items():
-            console.print(f"wrote {path}")
+            typer.echo("\n".join(["", f"## {title}", "", *lines]))
+        for path in paths.values():
+            typer.echo(f"wrote {path}", err=True)
 
 
 def _baselines() -> tuple[str, ...]:

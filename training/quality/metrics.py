@@ -111,3 +111,15 @@ def weight_share(weight: np.ndarray, defining: dict[int, list[int]]) -> dict[int
         total = float(w[cls].sum())
         out[cls] = float(w[cls, concepts].sum()) / total if total > 0 else float("nan")
     return out
+
+
+def curve_auc(fractions: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Area under ``values [..., K]`` over ``fractions [K]`` (0 to 1), trapezoidal."""
+    f = np.asarray(fractions, dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)
+    return ((v[..., 1:] + v[..., :-1]) / 2 * np.diff(f)).sum(axis=-1)
+
+
+def deletion_order(heat: np.ndarray) -> np.ndarray:
+    """Pixel indices (row-major) from the hottest to the coldest; ties in index order (stable)."""
+    return np.argsort(-np.asarray(heat, dtype=np.float64).ravel(), kind="stable")

@@ -130,18 +130,18 @@ def sample(dataset, limit: int | None, seed: int) -> list[int]:
 
 
 def localisation(model, classifier: StandardClassifier, dataset, indices: list[int], baselines=BASELINES,
-                 batch_size: int = 16, seed: int = 0, keep_examples: int = 4) -> dict:
+                 batch_size: int = 16, seed: int = 0, keep_examples: int = 4, faithfulness: bool = True) -> dict:
     spec = model.backbone.spec
     n = len(indices)
     if n == 0 or foreground(dataset, indices[0]) is None:
         return {"skipped": "the dataset has no object masks (the synthetic set's shape masks)"}
-    rng = np.random.default_rng(seed)
     scores = {"SALF-CBM": metrics.SegmentationScores(), **{b: metrics.SegmentationScores() for b in baselines}}
     unavailable: dict[str, str] = {}
-    trivial_names = list(metrics.trivial_maps((2, 2), rng))
+    trivial_names = list(metrics.trivial_maps((2, 2), np.random.default_rng(seed)))
     scores.update({f"trivial: {t}": metrics.SegmentationScores() for t in trivial_names})
     examples = []
     fg_share = []
+    curves: dict[str, dict[str, list[float]]] = {}
     for start in range(0, n, batch_size):
         idx = indices[start:start + batch_size]
         items = [dataset[i] for i in idx]
@@ -150,6 +150,7 @@ def localisation(model, classifier: StandardClassifier, dataset, indices: list[i
         masks = [foreground(dataset, i) for i in idx]
         fg_share += [float(m.mean()) for m in masks]
         heats = {"SALF-CBM": salf_class_maps(model, images, labels)}
+        trivial = [metrics.trivial_maps(m.shape, np.random.default_rng([seed, i])) for i, m in zip(idx, masks)]
         for b in baselines:
             if b in unavailable:
                 continue
@@ -158,17 +159,59 @@ def localisation(model, classifier: StandardClassifier, dataset, indices: list[i
             except Exception as exc:  # noqa: BLE001 - a method that cannot run on this backbone says why
                 unavailable[b] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 log.warning("%s cannot explain this backbone: %s", b, unavailable[b])
+        if faithfulness:
+            salf_score = lambda x: model(normalize_uint8(x, spec.mean, spec.std))[2]  # noqa: E731
+            std_score = lambda x: classifier(normalize_uint8(x, spec.mean, spec.std))  # noqa: E731
+            trivial_batch = {f"trivial: {t}": np.stack([tm[t] for tm in trivial]) for t in trivial_names}
+            for name, h in {**heats, **trivial_batch}.items():
+                judge = std_score if name in baselines else salf_score  # each method on its own model
+                d, ins = deletion_insertion(judge, images, np.asarray(h), labels)
+                curves.setdefault(name, {"deletion": [], "insertion": []})
+                curves[name]["deletion"] += d.tolist()
+                curves[name]["insertion"] += ins.tolist()
         for j, mask in enumerate(masks):
             for name, h in heats.items():
                 scores[name].add(h[j], mask)
-            for t, h in metrics.trivial_maps(mask.shape, rng).items():
+            for t, h in trivial[j].items():
                 scores[f"trivial: {t}"].add(h, mask)
             if len(examples) < keep_examples:
                 examples.append({"image": images[j].numpy(), "mask": mask, "label": int(labels[j]),
                                  "heatmaps": {k: v[j] for k, v in heats.items()}})
-    return {"rows": {k: v.result() for k, v in scores.items() if k not in unavailable},
-            "unavailable": unavailable, "images": n, "foreground_share": float(np.mean(fg_share)),
-            "target": "the image's true class", "_examples": examples}
+    rows = {k: v.result() for k, v in scores.items() if k not in unavailable}
+    for name, c in curves.items():
+        if name in rows:
+            rows[name]["deletion_auc"] = float(np.mean(c["deletion"]))
+            rows[name]["insertion_auc"] = float(np.mean(c["insertion"]))
+    return {"rows": rows, "unavailable": unavailable, "images": n, "foreground_share": float(np.mean(fg_share)),
+            "target": "the image's true class", "faithfulness_steps": FAITHFULNESS_STEPS if faithfulness else 0,
+            "_examples": examples}
+
+
+# ------------------------------------------------------------------ faithfulness
+FAITHFULNESS_STEPS = 16
+
+
+@torch.no_grad()
+def deletion_insertion(score, images: torch.Tensor, heats: np.ndarray, labels: torch.Tensor,
+                       steps: int = FAITHFULNESS_STEPS) -> tuple[np.ndarray, np.ndarray]:
+    """Deletion and insertion AUCs ``[B]`` of the class probability (Petsiuk et al. 2018): pixels in
+    heatmap order (hottest first) are replaced by the image's mean colour (deletion), or put back onto a
+    canvas of that colour (insertion), in ``steps`` equal shares; ``score(uint8 [N, H, W, 3]) -> logits``.
+    Deletion: lower is better; insertion: higher is better."""
+    b, h, w, _ = images.shape
+    fractions = np.linspace(0.0, 1.0, steps + 1)
+    fill = images.float().mean(dim=(1, 2), keepdim=True).round().to(torch.uint8).expand_as(images)
+    rank = np.empty((b, h * w), dtype=np.int64)
+    for j in range(b):
+        rank[j, metrics.deletion_order(heats[j])] = np.arange(h * w)
+    rank_t = torch.from_numpy(rank).view(b, h, w, 1)
+    curves = {"deletion": np.zeros((b, steps + 1)), "insertion": np.zeros((b, steps + 1))}
+    for k, frac in enumerate(fractions):
+        chosen = rank_t < int(round(frac * h * w))  # the hottest share of the pixels
+        for name, x in (("deletion", torch.where(chosen, fill, images)), ("insertion", torch.where(chosen, images, fill))):
+            probs = torch.softmax(score(x).float(), dim=1)
+            curves[name][:, k] = probs[torch.arange(b), labels].numpy()
+    return metrics.curve_auc(fractions, curves["deletion"]), metrics.curve_auc(fractions, curves["insertion"])
 
 
 # ------------------------------------------------------------------ 3. concepts

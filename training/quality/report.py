@@ -37,10 +37,18 @@ def localisation_table(doc: dict) -> list[str]:
         text = _f(r[k])
         return f"**{text}**" if r[k] == best[k] else text
 
-    lines = ["| heatmap | pixel accuracy | mIoU | mAP | pointing game |", "|---|---:|---:|---:|---:|"]
+    faith = any("deletion_auc" in r for r in rows.values())
+    if faith:
+        best["deletion_auc"] = min(r.get("deletion_auc", math.inf) for r in rows.values())
+        best["insertion_auc"] = max(r.get("insertion_auc", -math.inf) for r in rows.values())
+    lines = ["| heatmap | pixel accuracy | mIoU | mAP | pointing game |" + (" deletion AUC (lower better) | insertion AUC |"
+                                                                          if faith else ""),
+             "|---|---:|---:|---:|---:|" + ("---:|---:|" if faith else "")]
     for name, r in rows.items():
+        extra = f" {cell(r, 'deletion_auc')} | {cell(r, 'insertion_auc')} |" if faith and "deletion_auc" in r else (
+            " | |" if faith else "")
         lines.append(f"| {name} | {cell(r, 'pixel_accuracy')} | {cell(r, 'miou')} | {cell(r, 'map')} | "
-                     f"{cell(r, 'pointing')} |")
+                     f"{cell(r, 'pointing')} |{extra}")
     for name, why in loc.get("unavailable", {}).items():
         lines.append(f"| {name} | not applicable: {why} | | | |")
     return lines
