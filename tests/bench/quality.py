@@ -52,7 +52,7 @@ def targets(doc: dict) -> list[tuple[str, str, bool | None]]:
     return out
 
 
-def render(doc: dict, seconds: float, figure: str | None, command: str) -> str:
+def render(doc: dict, seconds: float, figures: dict[str, str], command: str) -> str:
     from training.quality.report import tables
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -87,11 +87,13 @@ def render(doc: dict, seconds: float, figure: str | None, command: str) -> str:
         if title in notes:
             lines += [notes[title], ""]
         lines += [*body, ""]
-    if figure:
-        lines += ["## Examples", "", f"![class heatmaps]({figure})", ""]
+    if figures.get("localisation"):
+        lines += ["## Examples: class heatmaps", "", f"![class heatmaps]({figures['localisation']})", ""]
+    if figures.get("concept-neurons"):
+        lines += ["## Examples: each concept neuron's top test images", "",
+                  f"![concept neurons]({figures['concept-neurons']})", ""]
     lines += ["## Not measured yet", "",
-              "The shifted split (other sizes, scales, backgrounds, two objects), "
-              "concept neurons, the zero-shot class-concept mode, the ImageNet-segmentation run (the reader is "
+              "The shifted split (other sizes, scales, backgrounds, two objects), the zero-shot class-concept mode, the ImageNet-segmentation run (the reader is "
               "in `training/quality/readers.py`), and the model improvements of issue 14 (a broader pre-training "
               "task for the stand-in backbone, aligned augmentation, non-square inputs, grid placement).", ""]
     return "\n".join(lines)
@@ -115,19 +117,22 @@ def main(argv=None) -> int:
         _salfctl("train", "all", "--config", "tiny-cpu", "--data", data, "--out", args.run)
     doc = run_eval(args.run / "bundle", data, limit=args.limit, seed=0)
     out = ROOT / "runs" / "quality"
-    paths = write(doc, out)
-    figure = None
-    if "localisation" in paths:
-        target = args.doc.parent / "results"
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(paths["localisation"], target / "localisation.png")
-        figure = "results/localisation.png"
+    from training.data.folder import ImageFolderSplit
+
+    paths = write(doc, out, ImageFolderSplit(data, "test"))
+    figures = {}
+    target = args.doc.parent / "results"
+    for key in ("localisation", "concept-neurons"):
+        if key in paths:
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(paths[key], target / f"{key}.png")
+            figures[key] = f"results/{key}.png"
     shown = list(sys.argv[1:] if argv is None else argv)
     if "--json" in shown:
         k = shown.index("--json")
         del shown[k:k + 2]
     command = "make bench-quality" + (f" BENCH_QUALITY_ARGS='{' '.join(shown)}'" if shown else "")
-    args.doc.write_text(render(doc, time.perf_counter() - t, figure, command))
+    args.doc.write_text(render(doc, time.perf_counter() - t, figures, command))
     if args.json:
         args.json.write_text(paths["json"].read_text())
     for name, measured, ok in targets(doc):

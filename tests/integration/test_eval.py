@@ -53,6 +53,14 @@ def test_localisation_has_every_method_and_the_trivial_floor(evaluation):
         assert 0.0 <= rows[name]["deletion_auc"] <= 1.0 and 0.0 <= rows[name]["insertion_auc"] <= 1.0
 
 
+def test_concept_neurons_against_the_best_backbone_channel(evaluation):
+    cn = evaluation["concept_neurons"]
+    assert cn["k"] == 5 and len(cn["per_concept"]) == 19  # the fast run keeps every concept, all with masks
+    for r in cn["per_concept"].values():
+        assert 0.0 <= r["precision_at_k"] <= 1.0 and 0.0 <= r["channel_precision_at_k"] <= 1.0
+    assert cn["_gallery"] and all(len(v) == 5 for v in cn["_gallery"].values())
+
+
 def test_concepts_rules_and_cost(evaluation):
     cl = evaluation["concepts_localisation"]
     assert set(cl["per_concept"]) == {"SALF-CBM", "position-blind"}
@@ -74,7 +82,8 @@ def test_salfctl_eval_writes_json_and_figure(trained_run, synth_data, tmp_path):
     assert "Class heatmaps against the object's silhouette" in proc.stdout and "trivial: all background" in proc.stdout
     doc = json.loads((out / "eval.json").read_text())
     assert doc["supervision"] == "masks" and "_examples" not in doc["localisation"]
-    assert (out / "localisation.png").stat().st_size > 1000
+    assert (out / "localisation.png").stat().st_size > 1000 and (out / "concept-neurons.png").stat().st_size > 1000
+    assert "_gallery" not in doc["concept_neurons"]
     bad = subprocess.run([*SALFCTL, "eval", str(trained_run), "--data", str(synth_data), "--baselines", "Nope"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown baseline" in bad.stderr

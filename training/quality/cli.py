@@ -35,7 +35,9 @@ def register(app: typer.Typer) -> None:
         if unknown:
             raise typer.BadParameter(f"unknown baseline(s) {unknown}; choose from {', '.join(_baselines())}")
         doc = run_eval(bundle, data, limit=limit, baselines=tuple(chosen), seed=seed, train_limit=train_limit)
-        paths = write(doc, out)
+        from training.data.folder import ImageFolderSplit
+
+        paths = write(doc, out, ImageFolderSplit(data, "test"))
         # Markdown tables, as docs/results.md has them: stable to read, diff and paste, whatever the terminal.
         typer.echo(f"supervision of the concept maps: {doc['supervision']}")
         for title, lines in tables(doc).items():

@@ -259,6 +259,48 @@ def concept_localisation(model, concepts: list[str], dataset, indices: list[int]
     return {"per_concept": out, "mean": summary, "images": n}
 
 
+# ------------------------------------------------------------------ concept neurons (paper 4.3, C.2)
+def _presence(dataset, indices: list[int], rows: list[int]) -> np.ndarray:
+    """bool ``[N, len(rows)]``: is each concept's mask non-empty in each image."""
+    return np.stack([dataset.load_masks(i)[rows].reshape(len(rows), -1).any(axis=1) for i in indices])
+
+
+def concept_neurons(concepts: list[str], train_ds, test_ds, train_feats, test_feats, k: int = 5,
+                    keep_gallery: int = 6) -> dict:
+    """Each concept neuron's top-k test images by its global activation, with precision@k against the
+    concept's presence (its mask non-empty); baseline: the backbone channel that best retrieves the
+    concept on the *train* split (top-k precision, ties by mean activation gap), scored the same way
+    on test. ``*_feats``: :func:`_features` tuples (pooled backbone features, concept scores, ...)."""
+    if not getattr(test_ds, "has_masks", False) or test_ds.concepts is None:
+        return {"skipped": "the dataset has no concept masks"}
+    names = [c for c in concepts if c in test_ds.concepts]
+    if not names:
+        return {"skipped": "none of the model's concepts has a mask in the dataset"}
+    rows = [test_ds.concepts.index(c) for c in names]
+    present_te = _presence(test_ds, list(range(len(test_ds))), rows)
+    present_tr = _presence(train_ds, list(range(len(train_feats[0]))), rows)
+    scores_te = test_feats[1].numpy()
+    chan_tr, chan_te = train_feats[0].numpy(), test_feats[0].numpy()
+    top_tr = np.argsort(-chan_tr, axis=0, kind="stable")[:k]  # [k, D]: each channel's top-k train images
+    out, gallery = {}, {}
+    for j, name in enumerate(names):
+        m = concepts.index(name)
+        top = np.argsort(-scores_te[:, m], kind="stable")[:k]
+        channel_prec = present_tr[top_tr, j].mean(axis=0)  # [D]
+        gap = chan_tr[present_tr[:, j]].mean(axis=0) - chan_tr[~present_tr[:, j]].mean(axis=0) \
+            if present_tr[:, j].any() and (~present_tr[:, j]).any() else np.zeros(chan_tr.shape[1])
+        best = int(np.lexsort((-gap, -channel_prec))[0])
+        top_c = np.argsort(-chan_te[:, best], kind="stable")[:k]
+        out[name] = {"precision_at_k": float(present_te[top, j].mean()), "channel": best,
+                     "channel_precision_at_k": float(present_te[top_c, j].mean()),
+                     "present_share": float(present_te[:, j].mean())}
+        if len(gallery) < keep_gallery:
+            gallery[name] = [int(i) for i in top]
+    mean = {key: float(np.mean([v[key] for v in out.values()])) for key in
+            ("precision_at_k", "channel_precision_at_k", "present_share")}
+    return {"k": k, "per_concept": out, "mean": mean, "_gallery": gallery}
+
+
 # ------------------------------------------------------------------ 4. rules
 def defining_concepts(classes: list[str]) -> dict[str, list[str]]:
     """The synthetic set's class -> its defining concepts (shape + texture, or circle + string/grass)."""
@@ -344,6 +386,8 @@ def run_eval(bundle: str | Path, data: str | Path, limit: int | None = None, bas
     doc["localisation"] = localisation(model, classifier, test, chosen, baselines, seed=seed)
     log.info("3/5 concept localisation")
     doc["concepts_localisation"] = concept_localisation(model, list(meta.concepts), test, chosen)
+    log.info("concept neurons")
+    doc["concept_neurons"] = concept_neurons(list(meta.concepts), train, test, f_train, f_test)
     log.info("4/5 rules")
     doc["rules"] = rules(model, list(meta.concepts), list(meta.classes))
     log.info("5/5 cost of an explanation")

@@ -72,6 +72,21 @@ def concepts_table(doc: dict) -> list[str]:
     return lines
 
 
+def neurons_table(doc: dict) -> list[str]:
+    cn = doc.get("concept_neurons", {})
+    if "skipped" in cn or not cn:
+        return [f"Skipped: {cn.get('skipped', 'not run')}."]
+    k = cn["k"]
+    lines = [f"| concept | SALF-CBM neuron precision@{k} | best backbone channel (picked on train) | its precision@{k} | "
+             "images with the concept |", "|---|---:|---:|---:|---:|"]
+    for name, r in cn["per_concept"].items():
+        lines.append(f"| {name} | {_f(r['precision_at_k'])} | {r['channel']} | {_f(r['channel_precision_at_k'])} | "
+                     f"{_f(r['present_share'])} |")
+    m = cn["mean"]
+    lines.append(f"| **mean** | {_f(m['precision_at_k'])} | | {_f(m['channel_precision_at_k'])} | {_f(m['present_share'])} |")
+    return lines
+
+
 def rules_table(doc: dict) -> list[str]:
     r = doc["rules"]
     if "skipped" in r:
@@ -96,7 +111,8 @@ def cost_table(doc: dict) -> list[str]:
 def tables(doc: dict) -> dict[str, list[str]]:
     return {"Classification (Table 1 shape)": classification_table(doc),
             "Class heatmaps against the object's silhouette (Table 2 shape)": localisation_table(doc),
-            "Concept localisation": concepts_table(doc), "Rules": rules_table(doc),
+            "Concept localisation": concepts_table(doc), "Concept neurons (paper 4.3)": neurons_table(doc),
+            "Rules": rules_table(doc),
             "Cost of an explanation": cost_table(doc)}
 
 
@@ -129,15 +145,46 @@ def localisation_figure(doc: dict, path: Path) -> Path | None:
     return path
 
 
-def write(doc: dict, out: Path) -> dict[str, Path]:
+def gallery_figure(doc: dict, dataset, path: Path) -> Path | None:
+    """One row per concept: its neuron's top-k test images."""
+    gallery = (doc.get("concept_neurons") or {}).get("_gallery") or {}
+    if not gallery:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = max(len(v) for v in gallery.values())
+    fig, axes = plt.subplots(len(gallery), k, figsize=(1.3 * k, 1.4 * len(gallery)), squeeze=False)
+    for r, (name, idx) in enumerate(gallery.items()):
+        for c in range(k):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(idx):
+                ax.imshow(dataset.image(idx[c]))
+        axes[r][0].set_title(name, fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def write(doc: dict, out: Path, dataset=None) -> dict[str, Path]:
     """``eval.json`` (without the example arrays: the figure shows them) and the figures under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     lean = {**doc, "localisation": {k: v for k, v in doc["localisation"].items() if k != "_examples"}}
+    if "concept_neurons" in doc:
+        lean["concept_neurons"] = {k: v for k, v in doc["concept_neurons"].items() if k != "_gallery"}
     paths = {"json": out / "eval.json"}
     paths["json"].write_text(json.dumps(json.loads(json.dumps(lean, default=_jsonable)), indent=1) + "\n")
     fig = localisation_figure(doc, out / "localisation.png")
     if fig is not None:
         paths["localisation"] = fig
+    if dataset is not None:
+        fig = gallery_figure(doc, dataset, out / "concept-neurons.png")
+        if fig is not None:
+            paths["concept-neurons"] = fig
     return paths
 
 
