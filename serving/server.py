@@ -201,7 +201,10 @@ class Boundary:
     def _release(self, method: str) -> None:
         self.in_flight -= 1
         self.metrics.in_flight.labels(method).dec()
-        while self._waiters:  # the next waiting stream item, if any, takes the slot
+        self._wake_next()
+
+    def _wake_next(self) -> None:
+        while self._waiters:  # the next waiting stream item, if any, takes the free slot
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
@@ -213,7 +216,12 @@ class Boundary:
         while self.in_flight >= self.max_in_flight:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
-            await waiter
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_next()  # woken, then cancelled before taking the slot: pass the wake-up on
+                raise
         self.in_flight += 1
         self.metrics.in_flight.labels(method).inc()
 

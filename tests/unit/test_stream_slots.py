@@ -1,0 +1,46 @@
+"""serving/server.py Boundary: stream items waiting for an in-flight slot."""
+import asyncio
+
+from serving.metrics import GatewayMetrics
+from serving.server import Boundary
+
+
+def test_a_woken_item_cancelled_before_it_runs_passes_the_slot_on():
+    async def scenario():
+        b = Boundary(GatewayMetrics(), executor=None, max_in_flight=1, stream_idle_s=1.0)
+        await b._acquire("Stream.Predict")  # A holds the only slot
+        waiting_b = asyncio.ensure_future(b._acquire("Stream.Predict"))
+        waiting_c = asyncio.ensure_future(b._acquire("Stream.Predict"))
+        await asyncio.sleep(0)
+        assert not waiting_b.done() and not waiting_c.done()
+        b._release("Stream.Predict")  # wakes B ...
+        waiting_b.cancel()  # ... which is cancelled before it can run
+        await asyncio.wait_for(waiting_c, 2.0)  # C must get the slot, not wait for another release
+        assert b.in_flight == 1
+        b._release("Stream.Predict")
+        assert b.in_flight == 0 and not b._waiters
+
+    asyncio.run(scenario())
+
+
+def test_items_take_slots_in_arrival_order():
+    async def scenario():
+        b = Boundary(GatewayMetrics(), executor=None, max_in_flight=2, stream_idle_s=1.0)
+        order = []
+
+        async def item(name):
+            await b._acquire("Stream.Predict")
+            order.append(name)
+
+        await b._acquire("Stream.Predict")
+        await b._acquire("Stream.Predict")
+        tasks = [asyncio.ensure_future(item(n)) for n in "xyz"]
+        await asyncio.sleep(0)
+        for _ in range(3):
+            b._release("Stream.Predict")
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+        assert order == ["x", "y", "z"]
+
+    asyncio.run(scenario())
