@@ -16,8 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from salf.contract.repository import (CBM_MODEL, CBM_OUTPUTS, CONCEPT_MAPS, CONCEPT_MAPS as HEAD_INPUT, HEAD_MODEL, HEAD_OUTPUTS,
-                                      IMAGE as CBM_INPUT, ModelSpec)
+from salf.contract.repository import CBM_MODEL, CBM_OUTPUTS, CONCEPT_MAPS, HEAD_MODEL, HEAD_OUTPUTS, ModelSpec
+from salf.contract.repository import CONCEPT_MAPS as HEAD_INPUT, IMAGE as CBM_INPUT
 
 from .budget import ALARMS
 from .errors import BackendUnavailable, DeadlineExceeded
