@@ -1,8 +1,28 @@
 """serving/server.py Boundary: stream items waiting for an in-flight slot."""
 import asyncio
+import threading
 
 from serving.metrics import GatewayMetrics
 from serving.server import Boundary
+
+
+def _run(coro_fn) -> None:
+    """``asyncio.run`` in a thread of its own: another test of the session (Playwright's sync API) may
+    leave an event loop running in this one."""
+    failure = []
+
+    def target():
+        try:
+            asyncio.run(coro_fn())
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, in the test's thread
+            failure.append(exc)
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "the scenario hung"
+    if failure:
+        raise failure[0]
 
 
 def test_a_woken_item_cancelled_before_it_runs_passes_the_slot_on():
@@ -20,7 +40,7 @@ def test_a_woken_item_cancelled_before_it_runs_passes_the_slot_on():
         b._release("Stream.Predict")
         assert b.in_flight == 0 and not b._waiters
 
-    asyncio.run(scenario())
+    _run(scenario)
 
 
 def test_items_take_slots_in_arrival_order():
@@ -43,4 +63,4 @@ def test_items_take_slots_in_arrival_order():
         await asyncio.gather(*tasks)
         assert order == ["x", "y", "z"]
 
-    asyncio.run(scenario())
+    _run(scenario)
