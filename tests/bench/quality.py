@@ -89,6 +89,9 @@ def render(doc: dict, seconds: float, figures: dict[str, str], command: str) -> 
         lines += [*body, ""]
     if figures.get("localisation"):
         lines += ["## Examples: class heatmaps", "", f"![class heatmaps]({figures['localisation']})", ""]
+    if figures.get("rules"):
+        lines += ["## The rules (every non-zero head weight; the plot of `salfctl rules --plot`)", "",
+                  f"![rules]({figures['rules']})", ""]
     if figures.get("concept-neurons"):
         lines += ["## Examples: each concept neuron's top test images", "",
                   f"![concept neurons]({figures['concept-neurons']})", ""]
@@ -122,7 +125,7 @@ def main(argv=None) -> int:
     paths = write(doc, out, ImageFolderSplit(data, "test"))
     figures = {}
     target = args.doc.parent / "results"
-    for key in ("localisation", "concept-neurons"):
+    for key in ("localisation", "concept-neurons", "rules"):
         if key in paths:
             target.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(paths[key], target / f"{key}.png")

@@ -84,6 +84,8 @@ def test_salfctl_eval_writes_json_and_figure(trained_run, synth_data, tmp_path):
     assert doc["supervision"] == "masks" and "_examples" not in doc["localisation"]
     assert (out / "localisation.png").stat().st_size > 1000 and (out / "concept-neurons.png").stat().st_size > 1000
     assert "_gallery" not in doc["concept_neurons"]
+    assert (out / "rules.png").stat().st_size > 1000
+    assert all(abs(w) > 0 for terms in doc["rules"]["terms"].values() for _, w in terms)
     bad = subprocess.run([*SALFCTL, "eval", str(trained_run), "--data", str(synth_data), "--baselines", "Nope"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown baseline" in bad.stderr

@@ -327,8 +327,10 @@ def rules(model, concepts: list[str], classes: list[str]) -> dict:
     per_class = {classes[k]: v for k, v in share.items()}
     top = {classes[k]: [(concepts[m], float(w[k, m])) for m in np.argsort(-np.abs(w[k]))[:4] if w[k, m] != 0]
            for k in idx}
+    terms = {c: [(concepts[m], float(w[k, m])) for m in np.argsort(-np.abs(w[k]), kind="stable") if w[k, m] != 0]
+             for k, c in enumerate(classes)}
     return {"share": per_class, "mean_share": float(np.nanmean(list(per_class.values()))),
-            "defining": defining, "top_weights": top}
+            "defining": defining, "top_weights": top, "terms": terms}
 
 
 # ------------------------------------------------------------------ 5. cost

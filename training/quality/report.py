@@ -181,6 +181,12 @@ def write(doc: dict, out: Path, dataset=None) -> dict[str, Path]:
     fig = localisation_figure(doc, out / "localisation.png")
     if fig is not None:
         paths["localisation"] = fig
+    if doc.get("rules", {}).get("terms"):
+        from clients.figure import rules_figure  # the plot of `salfctl rules --plot`, one function for both
+
+        rules = list(doc["rules"]["terms"].items())
+        rules_figure(rules, f"decision rules: {len(rules)} classes", len(rules)).save(out / "rules.png")
+        paths["rules"] = out / "rules.png"
     if dataset is not None:
         fig = gallery_figure(doc, dataset, out / "concept-neurons.png")
         if fig is not None:
