@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     if args.from_json is not None:
         doc = json.loads(args.from_json.read_text())
         text = render(doc, doc.get("command", "make bench-serving"), doc.get("measured_at"))
-        print("\n".join(["", *summary(doc["sizes"], doc.get("throughput"))]))
+        print("\n" + text)
         args.doc.write_text(text)
         print(f"re-rendered {args.doc} from {args.from_json}", file=sys.stderr)
         return 0
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     command = "make bench-serving" + (f" BENCH_SERVING_ARGS='{' '.join(shown)}'" if shown else "")
     doc["command"] = command
     text = render(doc, command, doc["measured_at"])
-    print("\n".join(["", *summary(doc["sizes"], doc.get("throughput"))]))
+    print("\n" + text)  # every table of the document, the summary against the targets first
     if args.doc:
         args.doc.write_text(text)
         print(f"wrote {args.doc}", file=sys.stderr)
