@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .head import HeadFit, accuracy
-from .model import SalfCBM, normalize_uint8, resize_to_grid
+from .model import SalfCBM, normalize_uint8, pooled_features
 from .runtime import progress as progress_bar
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def evaluate(model: SalfCBM, concepts: list[str], dataset, dense: HeadFit | None
         scores, logits = model.head(maps)
         correct += int((logits.argmax(1).cpu() == labels).sum())
         if dense is not None:
-            pooled = resize_to_grid(feats, model.grid).mean(dim=(2, 3)).cpu()
+            pooled = pooled_features(feats, model.grid).cpu()
             z = (pooled - dense_stats[0]) / dense_stats[1]
             dense_correct += int(round(accuracy(z, labels, dense.weight, dense.bias) * len(labels)))
         if example is None:

@@ -21,6 +21,12 @@ def resize_to_grid(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tenso
     return F.interpolate(features, size=tuple(grid), mode="bilinear", align_corners=False)
 
 
+def pooled_features(features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``[B, D, h, w]`` backbone features -> ``[B, D]``: resized to the grid, averaged (what the standard
+    heads of the dense baseline and of Table 1 see)."""
+    return resize_to_grid(features, grid).mean(dim=(2, 3))
+
+
 def pool_maps(maps: torch.Tensor, pooling: str) -> torch.Tensor:
     """Concept maps ``[B, M, Gh, Gw]`` -> global activations ``c*`` ``[B, M]``.
 

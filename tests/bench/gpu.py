@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.common import paper_repository
 
 
 def _images_per_s(fn, batch: int, repeats: int, sync) -> float:
@@ -119,15 +118,11 @@ def main(argv=None) -> int:
 
     batch = args.batch or (256 if torch.cuda.is_available() else 4)
     repeats = args.repeats if torch.cuda.is_available() else min(args.repeats, 2)
-    exe = str(Path(sys.executable).parent / "salfctl")
     doc: dict = {}
     with tempfile.TemporaryDirectory(prefix="salf-gpu-") as tmp:
         work = Path(tmp)
-        subprocess.run([exe, "train", "random", "--config", "imagenet-rn50", "--out", work / "bundle"], check=True,
-                       cwd=ROOT, capture_output=True)
-        subprocess.run([exe, "export", work / "bundle", "--out", work / "repo", "--flavour", "onnxruntime",
-                        "--instance-kind", "gpu" if torch.cuda.is_available() else "cpu", "--no-parity"],
-                       check=True, cwd=ROOT, capture_output=True)
+        paper_repository(work, "--flavour", "onnxruntime", "--instance-kind",
+                         "gpu" if torch.cuda.is_available() else "cpu", name="repo")
         doc["torch_bf16"] = torch_models(work / "bundle", batch, repeats)
         print(json.dumps(doc["torch_bf16"]), flush=True)
         doc["onnxruntime"] = onnx_forward(work / "repo", batch, repeats)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.common import paper_repository
 
 
 def _counters(metrics_url: str, model: str = "salf_cbm") -> tuple[float, float]:
@@ -176,19 +176,6 @@ def table(run_result: dict) -> list[str]:
                      f"{r['throughput_ratio']} | {r['p99_ratio']} | {st['images_per_s']} | {emb['images_per_s']} | "
                      f"{emb['p50_ms']} | {emb['p99_ms']} |")
     return lines
-
-
-def paper_repository(work: Path, maps_dtype: str = "float32") -> Path:
-    """The paper's size with random weights, exported (python flavour) under ``work``."""
-    exe = str(Path(sys.executable).parent / "salfctl")
-    bundle = work / "bundle"
-    if not (bundle / "bundle.json").is_file():
-        subprocess.run([exe, "train", "random", "--config", "imagenet-rn50", "--out", bundle], check=True,
-                       cwd=ROOT, capture_output=True)
-    repo = work / f"model_repository-{maps_dtype}"
-    subprocess.run([exe, "export", bundle, "--out", repo, "--flavour", "python", "--no-parity", "--maps-dtype",
-                    maps_dtype], check=True, cwd=ROOT, capture_output=True)
-    return repo
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.model import SalfCBM, normalize_uint8, resize_to_grid
+from training.model import SalfCBM, normalize_uint8, pooled_features
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class StandardClassifier(nn.Module):
             self.linear.bias.copy_(bias)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        return resize_to_grid(self.backbone(x), self.grid).mean(dim=(2, 3))
+        return pooled_features(self.backbone(x), self.grid)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear((self.pooled(x) - self.mean) / self.std)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from training.evaluate import THRESHOLD_RULES, IoUAccumulator, threshold_maps
-from training.model import normalize_uint8
+from training.model import normalize_uint8, pooled_features
 
 from . import metrics
 from .attributions import BASELINES, StandardClassifier, baseline_maps, salf_class_maps, seconds_per_image
@@ -55,9 +55,7 @@ def _features(model, dataset, batch_size: int = 64, limit: int | None = None):
         items = [dataset[i] for i in range(start, min(n, start + batch_size))]
         images = torch.stack([im for im, _ in items])
         feats = model.backbone(normalize_uint8(images, spec.mean, spec.std))
-        from training.model import resize_to_grid
-
-        pooled.append(resize_to_grid(feats, model.grid).mean(dim=(2, 3)))
+        pooled.append(pooled_features(feats, model.grid))
         s, lg = model.head(model.cbl(feats))
         scores.append(s)
         logits.append(lg)
