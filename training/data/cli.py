@@ -12,33 +12,44 @@ from clients.cli import EXIT_USAGE, command
 def synth(
     out: Path = typer.Option(..., "--out", "-o", help="Dataset root to create (ImageFolder layout + masks)."),
     seed: int = typer.Option(0, "--seed", "-s", help="Seed: the same seed writes byte-identical files."),
-    size: str = typer.Option("default", "--size", help="Images-per-class preset: default (200/40/80), "
-                                                       "small (48/12/24) or tiny (12/4/6)."),
+    size: str = typer.Option("default", "--size", help="Images-per-class preset (train/val/test/shifted/"
+                                                       "shifted-pairs): default (200/40/80/40/10), small "
+                                                       "(48/12/24/12/4) or tiny (12/4/6/3/2)."),
     train_per_class: Optional[int] = typer.Option(None, "--train-per-class", help="Override the preset."),
     val_per_class: Optional[int] = typer.Option(None, "--val-per-class", help="Override the preset."),
     test_per_class: Optional[int] = typer.Option(None, "--test-per-class", help="Override the preset."),
+    shifted_per_class: Optional[int] = typer.Option(
+        None, "--shifted-per-class", help="Override the preset: images of the shifted split (other sizes, aspect "
+                                          "ratios, object scales and backgrounds); 0 leaves it out."),
+    pairs_per_class: Optional[int] = typer.Option(
+        None, "--pairs-per-class", help="Override the preset: two-object images of shifted-pairs; 0 leaves it out."),
     image_size: int = typer.Option(112, "--image-size", help="Square image side in pixels."),
     workers: int = typer.Option(1, "--workers", "-j", help="Processes rendering in parallel (same files)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a dataset already in --out (one with "
                                                               "the same parameters is otherwise kept as is)."),
 ) -> None:
-    """Generate the synthetic shapes dataset: coloured, textured shapes, per-image concept masks."""
+    """Generate the synthetic shapes dataset: coloured, textured shapes, per-image concept masks, and the
+    shifted splits `salfctl eval` scores generalisation on."""
     from . import synth as synth_lib
 
     if size not in synth_lib.SIZE_PRESETS:
         raise typer.BadParameter(f"unknown size preset {size!r}; choose from {sorted(synth_lib.SIZE_PRESETS)}",
                                  param_hint="--size")
-    per_class = dict(zip(synth_lib.SPLITS, synth_lib.SIZE_PRESETS[size]))
-    for split, value in zip(synth_lib.SPLITS, (train_per_class, val_per_class, test_per_class)):
+    per_class = dict(zip(synth_lib.ALL_SPLITS, synth_lib.SIZE_PRESETS[size]))
+    overrides = (train_per_class, val_per_class, test_per_class, shifted_per_class, pairs_per_class)
+    for split, value in zip(synth_lib.ALL_SPLITS, overrides):
         if value is not None:
             per_class[split] = value
     summary = synth_lib.generate(out, seed=seed, per_class=per_class, image_size=image_size,
                                  workers=max(1, workers), overwrite=overwrite)
     counts = summary.counts
-    verb = "kept (same parameters)" if summary.extra.get("reused") else "wrote"
+    written = summary.extra.get("written", [])
+    verb = ("kept (same parameters)" if summary.extra.get("reused") else
+            "wrote" if set(written) == set(synth_lib.ALL_SPLITS) else f"added {'/'.join(written)} to")
     typer.echo(f"{verb} {summary.root}: {summary.num_classes} classes, {summary.num_concepts} concepts, "
                f"train/val/test = {counts['train']}/{counts['val']}/{counts['test']} images at "
-               f"{summary.image_size[0]}x{summary.image_size[1]}, seed {summary.seed}, {summary.seconds:.1f} s")
+               f"{summary.image_size[0]}x{summary.image_size[1]}, seed {summary.seed}; shifted/shifted-pairs = "
+               f"{counts['shifted']}/{counts['shifted-pairs']} images (other sizes); {summary.seconds:.1f} s")
 
 
 def roi(

@@ -203,5 +203,18 @@ class ImageFolderSplit(Dataset):
         size = self.input_size or self._image_size(i)
         return resize_masks_nearest(masks, size)
 
+    def load_objects(self, i: int) -> tuple[list[int], np.ndarray] | None:
+        """A multi-object image's objects (the synthetic ``shifted-pairs`` split): ``(class indices,
+        bool silhouettes [K, H, W] at the input size)``; None when the mask file has none."""
+        path = self.mask_path(i)
+        with np.load(path, allow_pickle=False) as npz:
+            if "objects" not in npz.files:
+                return None
+            objects, classes = npz["objects"], npz["classes"]
+        if objects.ndim != 3 or objects.dtype != np.bool_ or classes.shape != (objects.shape[0],):
+            raise DatasetError(f"{path}: objects must be bool [K, H, W] with K class indices, got "
+                               f"{objects.dtype} {list(objects.shape)} and classes {list(classes.shape)}")
+        return [int(c) for c in classes], resize_masks_nearest(objects, self.input_size or self._image_size(i))
+
     def _image_size(self, i: int) -> tuple[int, int]:
         return image_size(self._paths[i])

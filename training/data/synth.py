@@ -13,6 +13,18 @@ The world (all sizes scale with the image side ``S``; numbers below are for ``S 
   purple) are drawn at random for key and distractors alike, so colour never gives the class away;
 * backgrounds are plain, a gradient, or blocky noise, in muted colours (never the object palette).
 
+Two **shifted** splits test what the train split never showed (written by default, see
+:data:`SIZE_PRESETS`; :data:`SHIFT` holds their ranges):
+
+* ``shifted``: one key object per image, as in the other splits, but images of other sizes and aspect
+  ratios (short side 80-224 px, width/height 0.6-1.7), key objects from 0.08 to 0.40 of the short side
+  (a balloon up to 0.30: it needs the sky above its string) instead of 0.13-0.19 (the large ones cover a
+  third of the frame, as ImageNet-segmentation objects do) and backgrounds of kinds the train split never
+  has (a vignette, soft blotches, two tones split by a line), which carry no background concept;
+* ``shifted-pairs``: two key objects of two different classes in one image (radius 0.10-0.20 of the
+  short side, never overlapping), in the folder of the first; the mask file adds ``objects`` (bool
+  ``[2, H, W]``, each object's own silhouette) and ``classes`` (int ``[2]``).
+
 Concept masks are boolean ``[M, S, S]`` with occlusion resolved (a pixel belongs to the top-most
 layer: background, grass, distractors, string, key object). A class is a linear function of
 concept *presence*: each class has a unique pair of concepts (shape + texture, or circle +
@@ -34,7 +46,7 @@ import shutil
 import time
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +55,9 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
+SHIFTED, PAIRS = "shifted", "shifted-pairs"
+ALL_SPLITS = (*SPLITS, SHIFTED, PAIRS)
+SPLIT_IDS = {name: i for i, name in enumerate(ALL_SPLITS)}  # appended: the first three's bytes never move
 
 KEY_SHAPES = ("circle", "square", "triangle")
 DISTRACTOR_SHAPES = ("ring", "cross", "star")
@@ -85,11 +99,27 @@ CLASSES: tuple[ClassRule, ...] = (
 )
 CLASS_NAMES: tuple[str, ...] = tuple(rule.name for rule in CLASSES)
 
-SIZE_PRESETS = {  # images per class: (train, val, test)
-    "default": (200, 40, 80),
-    "small": (48, 12, 24),
-    "tiny": (12, 4, 6),
+SIZE_PRESETS = {  # images per class: (train, val, test, shifted, shifted-pairs)
+    "default": (200, 40, 80, 40, 10),
+    "small": (48, 12, 24, 12, 4),
+    "tiny": (12, 4, 6, 3, 2),
 }
+
+
+@dataclass(frozen=True)
+class Shift:
+    """The ranges of the shifted splits (module docstring)."""
+
+    short_side: tuple[int, int] = (80, 224)
+    aspect: tuple[float, float] = (0.6, 1.7)  # width / height, drawn log-uniformly
+    key_radius: tuple[float, float] = (0.08, 0.40)  # of the short side (train: 0.13-0.19)
+    balloon_radius: float = 0.30  # a balloon larger than this leaves no sky for its string
+    pair_radius: tuple[float, float] = (0.10, 0.20)
+    backgrounds: tuple[str, ...] = ("vignette", "blotches", "two-tone")
+
+
+SHIFT = Shift()
+IN_DISTRIBUTION_RADIUS = (0.13, 0.19)
 MIN_IMAGE_SIZE = 32
 
 
@@ -207,6 +237,32 @@ def _background(kind: str, size: tuple[int, int], rng: np.random.Generator) -> n
     raise ValueError(f"unknown background {kind!r}")
 
 
+def _shifted_background(kind: str, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """``[H, W, 3]`` float32 background of a kind the in-distribution splits never have (muted too)."""
+    h, w = size
+    yy, xx = np.mgrid[:h, :w].astype(np.float32)
+    if kind == "vignette":  # light centre, darker rim
+        c0, c1 = _muted_colour(rng, 20), _muted_colour(rng, 20) * 0.55
+        cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
+        t = np.sqrt(((yy - cy) / h) ** 2 + ((xx - cx) / w) ** 2)
+        t = np.clip(t / max(float(t.max()), 1e-6), 0, 1)[..., None]
+        return (c0 * (1 - t) + c1 * t).astype(np.float32)
+    if kind == "blotches":  # a few soft blobs of other muted colours
+        out = np.broadcast_to(_muted_colour(rng, 15), (h, w, 3)).astype(np.float32).copy()
+        for _ in range(int(rng.integers(3, 7))):
+            cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+            sigma = rng.uniform(0.12, 0.3) * min(h, w)
+            weight = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma * sigma))[..., None]
+            out = out * (1 - weight) + _muted_colour(rng, 25) * weight
+        return out.astype(np.float32)
+    if kind == "two-tone":  # two colours either side of a random line
+        c0, c1 = _muted_colour(rng, 25), _muted_colour(rng, 25)
+        theta = rng.uniform(0, np.pi)
+        d = (xx - rng.uniform(0.3, 0.7) * w) * np.cos(theta) + (yy - rng.uniform(0.3, 0.7) * h) * np.sin(theta)
+        return np.where((d > 0)[..., None], c0, c1).astype(np.float32)
+    raise ValueError(f"unknown shifted background {kind!r}")
+
+
 def _object_colour(rng: np.random.Generator) -> tuple[str, np.ndarray]:
     name = str(rng.choice(list(COLOURS)))
     return name, np.clip(np.array(COLOURS[name], np.float32) + rng.uniform(-15, 15, size=3), 0, 255)
@@ -219,16 +275,19 @@ class _Canvas:
     end (cheaper than clearing every concept plane for every layer).
     """
 
-    def __init__(self, size: tuple[int, int], background: str, rng: np.random.Generator) -> None:
-        self.size = size
-        self.image = _background(BACKGROUNDS[background], size, rng).copy()
-        self.owner = np.zeros(size, dtype=np.int16)
-        self.layers: list[list[int]] = [[CONCEPT_INDEX[background]]]
+    def __init__(self, background: np.ndarray, concepts: list[str]) -> None:
+        """``background``: float32 ``[H, W, 3]``; ``concepts``: what it shows (none for a shifted kind)."""
+        self.size = background.shape[:2]
+        self.image = background.copy()
+        self.owner = np.zeros(self.size, dtype=np.int16)
+        self.layers: list[list[int]] = [[CONCEPT_INDEX[name] for name in concepts]]
 
-    def paint(self, silhouette: np.ndarray, colour: np.ndarray, concepts: list[str]) -> None:
+    def paint(self, silhouette: np.ndarray, colour: np.ndarray, concepts: list[str]) -> int:
+        """Paint a layer; return its index (``owner == index`` is what is still visible of it)."""
         self.image[silhouette] = colour if colour.ndim == 1 else colour[silhouette]
         self.owner[silhouette] = len(self.layers)
         self.layers.append([CONCEPT_INDEX[name] for name in concepts])
+        return len(self.layers) - 1
 
     def masks(self) -> np.ndarray:
         """bool ``[M, H, W]``: pixel (y, x) shows concept m iff its top layer carries m."""
@@ -269,22 +328,56 @@ def _string(canvas: _Canvas, top: tuple[float, float], length: float, drift: flo
     canvas.paint(silhouette, np.array([35, 35, 35], np.float32), ["string"])
 
 
-def _key_object(canvas: _Canvas, rule: ClassRule, rng: np.random.Generator, scale: float,
-                grass_top: int | None) -> tuple[float, float, float]:
-    """Paint the class's key object; return its bounding circle ``(cy, cx, r)``."""
-    h, w = canvas.size
-    s = min(h, w)
-    r = rng.uniform(0.13, 0.19) * s
+def _position(rule: ClassRule, rng: np.random.Generator, r: float, size: tuple[int, int],
+              grass_top: int | None) -> tuple[float, float]:
+    """Where a key object of radius ``r`` goes: ``(cy, cx)`` by the class's placement."""
+    h, w = size
     cx = rng.uniform(r, w - r)
     if rule.placement == "balloon":
-        cy = rng.uniform(r + 1, 0.38 * h)
-        _string(canvas, (cy + 0.9 * r, cx), rng.uniform(0.2, 0.3) * h, rng.uniform(-0.06, 0.06) * w, scale)
+        cy = rng.uniform(r + 1, max(r + 1, 0.38 * h))
     elif rule.placement == "ball":
         if grass_top is None:
             raise ValueError("a ball rests on grass: paint the grass first")
         cy = grass_top - 0.6 * r
     else:
         cy = rng.uniform(r, h - r)
+    return cy, cx
+
+
+def _box(rule: ClassRule, cy: float, cx: float, r: float, size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """``(y0, x0, y1, x1)`` that holds the key object, a balloon's longest string included."""
+    h, w = size
+    extent = 1.2 * r if rule.shape == "triangle" else r
+    if rule.placement == "balloon":
+        return cy - extent, cx - extent - 0.06 * w, cy + 0.9 * r + 0.3 * h, cx + extent + 0.06 * w
+    return cy - extent, cx - extent, cy + extent, cx + extent
+
+
+def _overlaps(a: tuple[float, float, float, float], b: tuple[float, float, float, float], margin: float = 2.0) -> bool:
+    return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1])
+
+
+def _key_object(canvas: _Canvas, rule: ClassRule, rng: np.random.Generator, scale: float,
+                grass_top: int | None, radius: tuple[float, float] = IN_DISTRIBUTION_RADIUS,
+                avoid: tuple[tuple[float, float, float, float], ...] = ()
+                ) -> tuple[tuple[float, float, float], tuple[float, float, float, float], int]:
+    """Paint the class's key object, radius ``radius`` times the short side, clear of the boxes in
+    ``avoid`` (it shrinks when 20 draws find no room); return its bounding circle ``(cy, cx, extent)``,
+    its box and its layer."""
+    h, w = canvas.size
+    s = min(h, w)
+    r = rng.uniform(*radius) * s
+    cy, cx = _position(rule, rng, r, canvas.size, grass_top)
+    attempts = 0
+    while avoid and any(_overlaps(_box(rule, cy, cx, r, canvas.size), b) for b in avoid):
+        attempts += 1
+        if attempts % 20 == 0:
+            r *= 0.8
+        if attempts > 200:
+            raise ValueError(f"no room for a {rule.name} beside {len(avoid)} object(s) in a {w}x{h} image")
+        cy, cx = _position(rule, rng, r, canvas.size, grass_top)
+    if rule.placement == "balloon":
+        _string(canvas, (cy + 0.9 * r, cx), rng.uniform(0.2, 0.3) * h, rng.uniform(-0.06, 0.06) * w, scale)
     theta = rng.uniform(0, 2 * np.pi)
     silhouette = shape_mask(rule.shape, canvas.size, cy, cx, r, theta)
     colour_name, colour = _object_colour(rng)
@@ -295,18 +388,18 @@ def _key_object(canvas: _Canvas, rule: ClassRule, rng: np.random.Generator, scal
         tint = 0.35 * colour + 0.65 * 255.0
         fill = np.where(light[..., None], tint, colour).astype(np.float32)
         concepts.append(rule.texture)
-    canvas.paint(silhouette, fill, concepts)
+    layer = canvas.paint(silhouette, fill, concepts)
     extent = 1.2 * r if rule.shape == "triangle" else r  # triangles use a 1.2 r circumradius
     if rule.placement == "balloon":
         extent = r + 0.3 * h  # keep distractors off the string
-    return cy, cx, extent
+    return (cy, cx, extent), _box(rule, cy, cx, r, canvas.size), layer
 
 
-def _distractors(canvas: _Canvas, rng: np.random.Generator, key: tuple[float, float, float]) -> None:
-    """1-3 small solid rings/crosses/stars that do not overlap the key object."""
+def _distractors(canvas: _Canvas, rng: np.random.Generator, *keys: tuple[float, float, float]) -> None:
+    """1-3 small solid rings/crosses/stars that do not overlap the key object(s)."""
     h, w = canvas.size
     s = min(h, w)
-    placed = [key]
+    placed = list(keys)
     for _ in range(int(rng.integers(1, 4))):
         r = rng.uniform(0.07, 0.11) * s
         for _attempt in range(30):
@@ -327,13 +420,59 @@ def render(class_id: int, size: tuple[int, int], rng: np.random.Generator) -> tu
     rule = CLASSES[class_id]
     scale = min(size) / 112.0
     background = str(rng.choice(list(BACKGROUNDS)))
-    canvas = _Canvas(size, background, rng)
+    canvas = _Canvas(_background(BACKGROUNDS[background], size, rng), [background])
     grass_top = _grass(canvas, rng, scale) if rule.placement == "ball" else None
     # The key object is painted before the distractors but they never overlap it; painting it first
     # lets the distractor placement know where it is.
-    key = _key_object(canvas, rule, rng, scale, grass_top)
+    key, _, _ = _key_object(canvas, rule, rng, scale, grass_top)
     _distractors(canvas, rng, key)
     return canvas.finish(rng), canvas.masks()
+
+
+def shifted_size(rng: np.random.Generator, shift: Shift = SHIFT) -> tuple[int, int]:
+    """``(H, W)`` of a shifted image: short side and log-uniform aspect ratio from ``shift``."""
+    short = int(rng.integers(shift.short_side[0], shift.short_side[1] + 1))
+    aspect = float(np.exp(rng.uniform(np.log(shift.aspect[0]), np.log(shift.aspect[1]))))
+    return (short, int(round(short * aspect))) if aspect >= 1 else (int(round(short / aspect)), short)
+
+
+def _shifted_canvas(size: tuple[int, int], rng: np.random.Generator, shift: Shift) -> _Canvas:
+    kind = str(rng.choice(list(shift.backgrounds)))
+    return _Canvas(_shifted_background(kind, size, rng), [])
+
+
+def render_shifted(class_id: int, rng: np.random.Generator, shift: Shift = SHIFT) -> tuple[np.ndarray, np.ndarray]:
+    """One image of the ``shifted`` split (its size drawn too): (uint8 image, bool masks ``[M, H, W]``)."""
+    rule = CLASSES[class_id]
+    size = shifted_size(rng, shift)
+    scale = min(size) / 112.0
+    canvas = _shifted_canvas(size, rng, shift)
+    grass_top = _grass(canvas, rng, scale) if rule.placement == "ball" else None
+    top = shift.balloon_radius if rule.placement == "balloon" else shift.key_radius[1]
+    key, _, _ = _key_object(canvas, rule, rng, scale, grass_top, (shift.key_radius[0], top))
+    _distractors(canvas, rng, key)
+    return canvas.finish(rng), canvas.masks()
+
+
+def render_pair(class_id: int, rng: np.random.Generator, shift: Shift = SHIFT
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One image of ``shifted-pairs``: a key object of ``class_id`` and one of another class drawn by
+    ``rng``. Returns (uint8 image, masks ``[M, H, W]``, objects bool ``[2, H, W]``, classes int ``[2]``)."""
+    other = int(rng.choice([c for c in range(len(CLASSES)) if c != class_id]))
+    rules = [CLASSES[class_id], CLASSES[other]]
+    size = shifted_size(rng, shift)
+    scale = min(size) / 112.0
+    canvas = _shifted_canvas(size, rng, shift)
+    grass_top = _grass(canvas, rng, scale) if any(r.placement == "ball" for r in rules) else None
+    keys, boxes, layers = [], [], []
+    for rule in rules:
+        key, box, layer = _key_object(canvas, rule, rng, scale, grass_top, shift.pair_radius, tuple(boxes))
+        keys.append(key)
+        boxes.append(box)
+        layers.append(layer)
+    _distractors(canvas, rng, *keys)
+    objects = np.stack([canvas.owner == layer for layer in layers])
+    return canvas.finish(rng), canvas.masks(), objects, np.array([class_id, other], dtype=np.int64)
 
 
 def image_rng(seed: int, split: str, class_id: int, index: int) -> np.random.Generator:
@@ -342,24 +481,35 @@ def image_rng(seed: int, split: str, class_id: int, index: int) -> np.random.Gen
 
 
 # ----------------------------------------------------------------------------- files
-def save_masks_npz(path: Path, masks: np.ndarray) -> None:
-    """Write ``masks`` (bool ``[M, H, W]``) as an ``.npz`` with key ``masks`` and a fixed zip date."""
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(masks, dtype=bool), allow_pickle=False)
-    info = zipfile.ZipInfo("masks.npy", date_time=(1980, 1, 1, 0, 0, 0))
-    info.compress_type = zipfile.ZIP_DEFLATED
+def save_masks_npz(path: Path, masks: np.ndarray, **extra: np.ndarray) -> None:
+    """Write ``masks`` (bool ``[M, H, W]``) as an ``.npz`` with key ``masks`` (and any ``extra`` arrays)
+    and a fixed zip date."""
+    arrays = {"masks": np.ascontiguousarray(masks, dtype=bool), **{k: np.ascontiguousarray(v) for k, v in extra.items()}}
     with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(info, buf.getvalue())
+        for name, array in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, array, allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, buf.getvalue())
 
 
 def _write_one(job: tuple[str, int, int, int, tuple[int, int]], root: Path) -> None:
     split, class_id, index, seed, size = job
-    image, masks = render(class_id, size, image_rng(seed, split, class_id, index))
+    rng = image_rng(seed, split, class_id, index)
+    extra = {}
+    if split == SHIFTED:
+        image, masks = render_shifted(class_id, rng)
+    elif split == PAIRS:
+        image, masks, objects, classes = render_pair(class_id, rng)
+        extra = {"objects": objects, "classes": classes}
+    else:
+        image, masks = render(class_id, size, rng)
     name = f"{index:05d}"
     cls = CLASS_NAMES[class_id]
     # zlib level 1: ~2x faster to encode than the default 6, files ~10% larger (noisy backgrounds)
     Image.fromarray(image).save(root / split / cls / f"{name}.png", format="PNG", compress_level=1)
-    save_masks_npz(root / "masks" / split / cls / f"{name}.npz", masks)
+    save_masks_npz(root / "masks" / split / cls / f"{name}.npz", masks, **extra)
 
 
 def _write_chunk(jobs: list, root: str) -> int:
@@ -368,30 +518,15 @@ def _write_chunk(jobs: list, root: str) -> int:
     return len(jobs)
 
 
-def _prepare_root(root: Path, overwrite: bool) -> None:
-    if (root / "dataset.json").exists() or any((root / s).exists() for s in (*SPLITS, "masks")):
-        if not overwrite:
-            raise FileExistsError(f"{root} already holds a different or incomplete dataset; "
-                                  f"overwrite it explicitly (--overwrite) to replace it")
-        for sub in (*SPLITS, "masks"):
-            shutil.rmtree(root / sub, ignore_errors=True)
-        for meta in ("dataset.json", "classes.txt", "concepts.txt"):
-            (root / meta).unlink(missing_ok=True)
-    for split in SPLITS:
-        for cls in CLASS_NAMES:
-            (root / split / cls).mkdir(parents=True, exist_ok=True)
-            (root / "masks" / split / cls).mkdir(parents=True, exist_ok=True)
-
-
 def _validate(seed: int, per_class: dict[str, int], image_size: int) -> None:
-    unknown = sorted(set(per_class) - set(SPLITS))
+    unknown = sorted(set(per_class) - set(ALL_SPLITS))
     if unknown:
-        raise ValueError(f"unknown split(s) {unknown} in per_class; splits are {list(SPLITS)}")
+        raise ValueError(f"unknown split(s) {unknown} in per_class; splits are {list(ALL_SPLITS)}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image size must be >= {MIN_IMAGE_SIZE} px, got {image_size}")
-    for split in SPLITS:
+    for split in ALL_SPLITS:
         if per_class.get(split, -1) < 0:
             raise ValueError(f"images per class for split {split!r} must be >= 0, got {per_class.get(split)}")
     if per_class["train"] < 1:
@@ -402,34 +537,48 @@ def generate(root: str | Path, seed: int = 0, per_class: dict[str, int] | None =
              workers: int = 1, overwrite: bool = False) -> SynthSummary:
     """Write the synthetic dataset to ``root`` in the DESIGN layout and return a summary.
 
-    ``per_class``: images per class for ``train``/``val``/``test`` (default ``SIZE_PRESETS["default"]``).
-    ``workers > 1`` renders in that many processes; the files are identical either way.
-    ``dataset.json`` is written last, so its presence marks a complete dataset. If ``root`` already
-    holds a complete dataset with the same parameters, nothing is written (``summary.extra["reused"]``);
-    a different or incomplete one is an error unless ``overwrite``.
+    ``per_class``: images per class for ``train``/``val``/``test``/``shifted``/``shifted-pairs`` (missing
+    keys from ``SIZE_PRESETS["default"]``; 0 leaves a split out). ``workers > 1`` renders in that many
+    processes; the files are identical either way. ``dataset.json`` is written last, so its presence marks
+    a complete dataset. If ``root`` already holds a dataset of the same world (seed, size, classes,
+    concepts), only the splits whose counts differ or whose files are incomplete are written
+    (``summary.extra["written"]``; none: ``extra["reused"]``): a dataset made before the shifted splits
+    existed gains them without its other files moving. Another world is an error unless ``overwrite``.
     """
-    per_class = dict(zip(SPLITS, SIZE_PRESETS["default"])) | dict(per_class or {})
+    per_class = dict(zip(ALL_SPLITS, SIZE_PRESETS["default"])) | dict(per_class or {})
     _validate(seed, per_class, image_size)
     root = Path(root)
     start = time.perf_counter()
     size = (image_size, image_size)
-    counts = {split: per_class[split] * len(CLASSES) for split in SPLITS}
-    if not overwrite and _matches(root, _metadata(seed, size, counts)):
+    counts = {split: per_class[split] * len(CLASSES) for split in ALL_SPLITS}
+    meta = _metadata(seed, size, counts)
+    todo = _splits_to_write(root, meta, overwrite)
+    if not todo:
         log.info("synthetic dataset already present with the same parameters: %s", root)
-        return SynthSummary(root, seed, size, counts, len(CLASSES), len(CONCEPTS), 0.0, {"reused": True})
-    _prepare_root(root, overwrite)
-    jobs = [(split, c, i, seed, size) for split in SPLITS for c in range(len(CLASSES)) for i in range(per_class[split])]
-    if workers > 1:
+        return SynthSummary(root, seed, size, counts, len(CLASSES), len(CONCEPTS), 0.0, {"reused": True, "written": []})
+    (root / "dataset.json").unlink(missing_ok=True)  # incomplete until the last line below
+    for split in todo:
+        for base in (root / split, root / "masks" / split):
+            shutil.rmtree(base, ignore_errors=True)
+            if counts[split]:
+                for cls in CLASS_NAMES:
+                    (base / cls).mkdir(parents=True, exist_ok=True)
+    jobs = [(split, c, i, seed, size) for split in todo for c in range(len(CLASSES)) for i in range(per_class[split])]
+    if workers > 1 and len(jobs) > 1:
         chunks = [jobs[k::workers * 4] for k in range(workers * 4)]
         with ProcessPoolExecutor(max_workers=workers) as pool:
             done = sum(pool.map(_write_chunk, chunks, [str(root)] * len(chunks)))
         assert done == len(jobs)
     else:
         _write_chunk(jobs, str(root))
-    _write_metadata(root, _metadata(seed, size, counts))
+    _write_metadata(root, meta)
     seconds = time.perf_counter() - start
-    log.info("synthetic dataset: %s images in %.1f s at %s", counts, seconds, root)
-    return SynthSummary(root, seed, size, counts, len(CLASSES), len(CONCEPTS), seconds, {"reused": False})
+    log.info("synthetic dataset: %s images in %.1f s at %s (wrote %s)", counts, seconds, root, todo)
+    return SynthSummary(root, seed, size, counts, len(CLASSES), len(CONCEPTS), seconds,
+                        {"reused": False, "written": todo})
+
+
+WORLD_KEYS = ("name", "seed", "image_size", "classes", "concepts", "has_masks")
 
 
 def _metadata(seed: int, size: tuple[int, int], counts: dict[str, int]) -> dict:
@@ -441,20 +590,43 @@ def _metadata(seed: int, size: tuple[int, int], counts: dict[str, int]) -> dict:
         "concepts": list(CONCEPTS),
         "splits": counts,
         "has_masks": True,
+        "shift": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(SHIFT).items()},
     }
 
 
-def _matches(root: Path, meta: dict) -> bool:
-    """Does ``root`` hold a complete dataset (``dataset.json`` written, files counted) with ``meta``?"""
+def _splits_to_write(root: Path, meta: dict, overwrite: bool) -> list[str]:
+    """The splits :func:`generate` must (re)write into ``root`` for ``meta``."""
+    if overwrite:
+        for meta_file in ("dataset.json", "classes.txt", "concepts.txt"):
+            (root / meta_file).unlink(missing_ok=True)
+        for sub in (*ALL_SPLITS, "masks"):
+            shutil.rmtree(root / sub, ignore_errors=True)
+        return list(ALL_SPLITS)
     try:
         existing = json.loads((root / "dataset.json").read_text())
     except (OSError, json.JSONDecodeError):
-        return False
-    if existing != meta:
-        return False
-    return all(len(list((root / split).glob("*/*.png"))) == n
-               and len(list((root / "masks" / split).glob("*/*.npz"))) == n
-               for split, n in meta["splits"].items())
+        existing = None
+    if existing is None:
+        if any((root / s).exists() for s in (*ALL_SPLITS, "masks")):
+            raise FileExistsError(f"{root} already holds an incomplete dataset; overwrite it explicitly "
+                                  f"(--overwrite) to replace it")
+        return list(ALL_SPLITS)
+    if any(existing.get(k) != meta[k] for k in WORLD_KEYS):
+        raise FileExistsError(f"{root} already holds a different or incomplete dataset; "
+                              f"overwrite it explicitly (--overwrite) to replace it")
+    todo = []
+    for split, n in meta["splits"].items():
+        same = existing.get("splits", {}).get(split) == n
+        if split in (SHIFTED, PAIRS) and n:
+            same = same and existing.get("shift") == meta["shift"]
+        if not (same and _complete(root, split, n)):
+            todo.append(split)
+    return todo
+
+
+def _complete(root: Path, split: str, n: int) -> bool:
+    return (len(list((root / split).glob("*/*.png"))) == n
+            and len(list((root / "masks" / split).glob("*/*.npz"))) == n)
 
 
 def _write_metadata(root: Path, meta: dict) -> None:
