@@ -73,6 +73,24 @@ def test_concepts_rules_and_cost(evaluation):
     assert set(cost) == {"SALF-CBM", "GradCAM", "Integrated Gradients"} and all(v > 0 for v in cost.values())
 
 
+def test_generalisation_on_the_shifted_splits(evaluation):
+    g = evaluation["generalisation"]
+    assert g["images"] == 16 and g["in_distribution"]["images"] == 16  # --limit applies to both splits
+    for part in (g, g["in_distribution"]):
+        assert 0.0 <= part["salf_accuracy"] <= 1.0 and 0.0 <= part["salf_pointing"] <= 1.0
+        assert sum(b["images"] for b in part["by_object_size"].values()) == part["images"]
+    # the shifted split has objects that fill a large share of the frame; the test split never does
+    assert ">= 15%" in g["by_object_size"] and ">= 15%" not in g["in_distribution"]["by_object_size"]
+    assert g["foreground_share"] > g["in_distribution"]["foreground_share"]
+    rows = g["localisation"]["rows"]
+    assert {"SALF-CBM", "GradCAM", "trivial: all background"} <= set(rows)
+    assert rows["SALF-CBM"]["images"] == 16 and rows["trivial: all background"]["pointing"] == 0.0
+    pairs = g["pairs"]
+    assert pairs["images"] == 16 and pairs["objects"] == 32
+    assert all(0.0 <= v <= 1.0 for v in (*pairs["top2_both_classes"].values(), pairs["region_class"],
+                                          pairs["region_defining_in_top"]))
+
+
 def test_salfctl_eval_writes_json_and_figure(trained_run, synth_data, tmp_path):
     out = tmp_path / "eval"
     proc = subprocess.run([*SALFCTL, "eval", str(trained_run), "--data", str(synth_data), "--limit", "8",
@@ -80,8 +98,10 @@ def test_salfctl_eval_writes_json_and_figure(trained_run, synth_data, tmp_path):
                           timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Class heatmaps against the object's silhouette" in proc.stdout and "trivial: all background" in proc.stdout
+    assert "Generalisation: test split vs shifted split" in proc.stdout and "Two-object images" in proc.stdout
     doc = json.loads((out / "eval.json").read_text())
     assert doc["supervision"] == "masks" and "_examples" not in doc["localisation"]
+    assert "_examples" not in doc["generalisation"]["localisation"]
     assert (out / "localisation.png").stat().st_size > 1000 and (out / "concept-neurons.png").stat().st_size > 1000
     assert "_gallery" not in doc["concept_neurons"]
     assert (out / "rules.png").stat().st_size > 1000

@@ -26,7 +26,11 @@ def classification_table(doc: dict) -> list[str]:
 
 
 def localisation_table(doc: dict) -> list[str]:
-    loc = doc["localisation"]
+    return localisation_rows(doc["localisation"])
+
+
+def localisation_rows(loc: dict) -> list[str]:
+    """A Table-2-shape markdown table of one :func:`protocols.localisation` result."""
     if "skipped" in loc:
         return [f"Skipped: {loc['skipped']}."]
     rows = loc["rows"]
@@ -108,12 +112,77 @@ def cost_table(doc: dict) -> list[str]:
     return lines
 
 
+def generalisation_table(doc: dict) -> list[str]:
+    g = doc.get("generalisation") or {"skipped": "not run"}
+    if "skipped" in g:
+        return [f"Skipped: {g['skipped']}."]
+    ind = g["in_distribution"]
+    loc_in, loc_sh = doc["localisation"].get("rows", {}), g["localisation"].get("rows", {})
+
+    def best_baseline(rows, key):
+        found = {k: v[key] for k, v in rows.items() if k != "SALF-CBM" and not k.startswith("trivial")
+                 and not math.isnan(v[key])}
+        if not found:
+            return "n/a"
+        name = max(found, key=found.get)
+        return f"{_f(found[name])} ({name})"
+
+    def concept_pointing(cl):
+        return _f(cl["mean"]["SALF-CBM"]["pointing"]) if "mean" in cl else "n/a"
+
+    rows = [("images", ind["images"], g["images"]),
+            ("object's share of the frame (mean)", f"{ind['foreground_share']:.1%}", f"{g['foreground_share']:.1%}"),
+            ("SALF-CBM accuracy", _f(ind["salf_accuracy"]), _f(g["salf_accuracy"])),
+            ("standard dense accuracy (same backbone)", _f(ind["standard_accuracy"]), _f(g["standard_accuracy"])),
+            ("concept maps: pointing game (mean over concepts)", concept_pointing(doc["concepts_localisation"]),
+             concept_pointing(g["concepts_localisation"])),
+            ("SALF-CBM class heatmap: pointing game", _f(ind["salf_pointing"]), _f(g["salf_pointing"]))]
+    for key, label in (("map", "mAP"), ("miou", "mIoU")):
+        rows.append((f"SALF-CBM class heatmap: {label}", _f(loc_in.get("SALF-CBM", {}).get(key)),
+                     _f(loc_sh.get("SALF-CBM", {}).get(key))))
+        rows.append((f"best baseline heatmap: {label}", best_baseline(loc_in, key), best_baseline(loc_sh, key)))
+    lines = ["| | test split (in distribution) | shifted split |", "|---|---:|---:|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    lines += ["", "By the object's share of the frame (accuracy, SALF-CBM / standard dense; SALF-CBM class-heatmap "
+              "pointing):", "", "| object size | test: images | accuracy | pointing | shifted: images | accuracy | "
+              "pointing |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for _, _, name in _size_buckets():
+        a, b = ind["by_object_size"].get(name), g["by_object_size"].get(name)
+        cells = []
+        for r in (a, b):
+            cells += ["0", "", ""] if r is None else [
+                str(r["images"]), f"{_f(r['salf_accuracy'])} / {_f(r['standard_accuracy'])}", _f(r["salf_pointing"])]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    p = g.get("pairs")
+    if p:
+        lines += ["", f"Two-object images ({p['images']} images, {p['objects']} objects):", "",
+                  "| | SALF-CBM | standard dense |", "|---|---:|---:|",
+                  f"| top-2 classes are the two objects' classes | {_f(p['top2_both_classes']['SALF-CBM'])} | "
+                  f"{_f(p['top2_both_classes']['standard dense'])} |",
+                  f"| Explain Anything on each object: the region's class is the object's | {_f(p['region_class'])} | |",
+                  f"| ... its defining concepts among the region's top concepts | {_f(p['region_defining_in_top'])} | |"]
+    return lines
+
+
+def _size_buckets():
+    from .protocols import SIZE_BUCKETS
+
+    return SIZE_BUCKETS
+
+
+def shifted_localisation_table(doc: dict) -> list[str]:
+    g = doc.get("generalisation") or {}
+    return localisation_rows(g["localisation"]) if "localisation" in g else ["Skipped: no shifted split."]
+
+
 def tables(doc: dict) -> dict[str, list[str]]:
     return {"Classification (Table 1 shape)": classification_table(doc),
             "Class heatmaps against the object's silhouette (Table 2 shape)": localisation_table(doc),
             "Concept localisation": concepts_table(doc), "Concept neurons (paper 4.3)": neurons_table(doc),
             "Rules": rules_table(doc),
-            "Cost of an explanation": cost_table(doc)}
+            "Cost of an explanation": cost_table(doc),
+            "Generalisation: test split vs shifted split": generalisation_table(doc),
+            "Class heatmaps on the shifted split (Table 2 shape)": shifted_localisation_table(doc)}
 
 
 def localisation_figure(doc: dict, path: Path) -> Path | None:
@@ -174,6 +243,9 @@ def write(doc: dict, out: Path, dataset=None) -> dict[str, Path]:
     """``eval.json`` (without the example arrays: the figure shows them) and the figures under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     lean = {**doc, "localisation": {k: v for k, v in doc["localisation"].items() if k != "_examples"}}
+    if "localisation" in doc.get("generalisation", {}):
+        g = doc["generalisation"]
+        lean["generalisation"] = {**g, "localisation": {k: v for k, v in g["localisation"].items() if k != "_examples"}}
     if "concept_neurons" in doc:
         lean["concept_neurons"] = {k: v for k, v in doc["concept_neurons"].items() if k != "_gallery"}
     paths = {"json": out / "eval.json"}
