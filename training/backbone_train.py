@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .augment import AffineRange, warp_batch
 from .backbones import Backbone, BackboneSpec, build_backbone
 from .config import BackboneTrainCfg
 from .runtime import atomic_write_json, progress as progress_bar, resolve_device, save_tensors, seed_everything
@@ -78,6 +79,7 @@ def train_backbone(spec: BackboneSpec, dataset, num_classes: int, cfg: BackboneT
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * len(loader),
                                                 pct_start=0.15)
     pad = max(1, spec.input_size[0] // 16) if cfg.augment else 0
+    zoom = AffineRange(zoom=tuple(cfg.zoom)) if cfg.zoom else None
     start = time.perf_counter()
     epochs = progress_bar(range(cfg.epochs), "backbone", progress, unit="epoch")
     correct = seen = 0
@@ -86,7 +88,9 @@ def train_backbone(spec: BackboneSpec, dataset, num_classes: int, cfg: BackboneT
         correct = seen = 0
         for images, labels in loader:
             x = normalize_uint8(images, spec.mean, spec.std)
-            if cfg.augment:
+            if cfg.augment and zoom is not None:
+                x = warp_batch(x, gen, zoom)
+            elif cfg.augment:
                 x = augment(x, gen, pad)
             x, labels = x.to(dev), labels.to(dev)
             logits = model(x)

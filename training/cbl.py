@@ -44,8 +44,18 @@ class ValSplit:
                 "val_count": len(self.val_indices)}
 
 
-def carve_validation(n: int, fraction: float, seed: int, labels: torch.Tensor | None = None) -> ValSplit:
-    """Seeded split of ``range(n)``; stratified by ``labels`` when given (every class keeps train images)."""
+def carve_validation(n: int, fraction: float, seed: int, labels: torch.Tensor | None = None,
+                     views: int = 1) -> ValSplit:
+    """Seeded split of ``range(n)``; stratified by ``labels`` when given (every class keeps train images).
+    ``views > 1``: items ``i * views + v`` are views of image ``i`` (training/augment.py): the split is
+    drawn over images, train keeps every view of its images, validation only view 0 (the image itself),
+    so no view of a validation image is trained on and the cut-off judges unwarped images."""
+    if views > 1:
+        if n % views:
+            raise ValueError(f"{n} items are not a whole number of {views} views per image")
+        base = carve_validation(n // views, fraction, seed, None if labels is None else labels[::views])
+        return ValSplit([i * views + v for i in base.train_indices for v in range(views)],
+                        [i * views for i in base.val_indices], fraction, seed)
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
     gen = torch.Generator().manual_seed(seed)

@@ -16,6 +16,10 @@ ConfigOpt = Annotated[str, typer.Option("--config", "-c", help=CONFIG_HELP)]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", "-d", help=DATA_HELP)]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help=OUT_HELP)]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 or auto.")]
+ClassConceptsOpt = Annotated[Optional[str], typer.Option(
+    "--class-concepts", help="The paper's zero-shot localisation mode (4.2): one concept per class from this "
+                             "template, e.g. 'An image of a {class}' (overrides the config's "
+                             "similarity.class_concepts); its map is the class heatmap `salfctl eval` scores.")]
 
 
 def training_errors() -> dict[type, int]:
@@ -29,7 +33,8 @@ def training_errors() -> dict[type, int]:
                                           FileNotFoundError, ValueError)}
 
 
-def _run_stage(stage: str, config: str, data: Optional[Path], out: Path, device: Optional[str], quiet: bool):
+def _run_stage(stage: str, config: str, data: Optional[Path], out: Path, device: Optional[str], quiet: bool,
+               class_concepts: Optional[str] = None):
     """Build the run context and run ``training.pipeline.<stage>``; returns ``(ctx, result)``."""
     from . import pipeline
     from .config import load_config
@@ -39,6 +44,11 @@ def _run_stage(stage: str, config: str, data: Optional[Path], out: Path, device:
     cfg = load_config(config)
     if device:
         cfg.device = device
+    if class_concepts:
+        from .similarity import class_prompts
+
+        class_prompts(class_concepts, ["x"])  # a template without {class} is a usage error, before any work
+        cfg.similarity.class_concepts = class_concepts
     ctx = pipeline.make_context(cfg, data, out, progress=not quiet)
     return ctx, getattr(pipeline, stage)(ctx)
 
@@ -65,9 +75,9 @@ def backbone(config: ConfigOpt, out: OutOpt, data: DataOpt = None, device: Devic
 
 
 def cbl(config: ConfigOpt, out: OutOpt, data: DataOpt = None, device: DeviceOpt = None,
-        quiet: QuietOpt = False) -> None:
+        quiet: QuietOpt = False, class_concepts: ClassConceptsOpt = None) -> None:
     """Cache backbone features and train the concept bottleneck layer (with the interpretability cutoff)."""
-    _, result = _run_stage("stage_cbl", config, data, out, device, quiet)
+    _, result = _run_stage("stage_cbl", config, data, out, device, quiet, class_concepts)
     typer.echo(f"cbl: {len(result.kept)}/{len(result.val_similarity)} concepts kept, best epoch "
                f"{result.best_epoch}, dropped {[d['concept'] for d in result.dropped]}")
 
@@ -80,9 +90,9 @@ def head(config: ConfigOpt, out: OutOpt, data: DataOpt = None, device: DeviceOpt
 
 
 def all_(config: ConfigOpt, out: OutOpt, data: DataOpt = None, device: DeviceOpt = None,
-         quiet: QuietOpt = False) -> None:
+         quiet: QuietOpt = False, class_concepts: ClassConceptsOpt = None) -> None:
     """Everything: backbone (if the preset trains one) -> features -> similarities -> CBL -> head -> bundle -> report."""
-    _, report = _run_stage("run_all", config, data, out, device, quiet)
+    _, report = _run_stage("run_all", config, data, out, device, quiet, class_concepts)
     _print_report(report)
     typer.echo(f"wall time {report.wall_seconds:.0f} s")
 

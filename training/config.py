@@ -24,11 +24,22 @@ class BackboneTrainCfg:
     weight_decay: float = 1e-4
     enabled: bool = False  # `train all` runs `train backbone` first (no pre-trained weights at hand)
     augment: bool = True  # random crops (pad + crop) and horizontal flips
+    # [min, max] magnification of a random affine per image (with aspect change, shift and flips;
+    # training/augment.py) instead of pad + crop: the backbone then sees objects at other scales.
+    zoom: list[float] | None = None
 
 
 @dataclass
 class SimilarityCfg:
     source: str = "masks"  # "masks" (annotated datasets) or "clip" (red-circle prompts)
+    # The paper's zero-shot localisation mode (4.2): the concept list is this template for every class
+    # ("An image of a {class}", class names with "_" as spaces), the CLIP concept filters and the
+    # interpretability cut-off are skipped (one map per class is the point), and a class's heatmap is
+    # its concept's map. None: the ordinary concept list.
+    class_concepts: str | None = None
+    # masks source with class_concepts: the mask concepts whose union is a class's object (default for
+    # the synthetic set: its key shapes); concept k's target is that object in images of class k.
+    object_concepts: list[str] | None = None
 
 
 @dataclass
@@ -43,6 +54,10 @@ class CBLCfg:
     feature_cache_dtype: str = "float16"
     shard_size: int = 1024
     feature_batch_size: int = 64  # images per backbone forward while caching features
+    # Cached views per train image (training/augment.py): view 0 is the image, the others random affines
+    # of it with their masks warped alike, so the targets move with the image. 1 = the paper's setting.
+    views: int = 1
+    view_zoom: list[float] = field(default_factory=lambda: [0.6, 1.6])
 
 
 @dataclass

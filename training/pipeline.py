@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -111,6 +112,27 @@ def _split(ctx: Context, split: str):
     return ImageFolderSplit(ctx.data, split, ctx.cfg.backbone.input_size)
 
 
+def _cbl_train_split(ctx: Context):
+    """What the CBL and the head train on: the train split, or its cached views (``cbl.views > 1``,
+    training/augment.py)."""
+    ds = _split(ctx, "train")
+    views = int(ctx.cfg.cbl.views)
+    if views == 1:
+        return ds
+    if ctx.cfg.similarity.source != "masks":
+        raise PipelineError(f"cbl.views = {views} needs the masks similarity source: the {ctx.cfg.similarity.source} "
+                            f"source computes its similarities from the image files, and warped views are not "
+                            f"files; set cbl.views to 1")
+    from .augment import AffineRange, AugmentedViews
+
+    return AugmentedViews(ds, views, ctx.cfg.seed, AffineRange(zoom=tuple(ctx.cfg.cbl.view_zoom)))
+
+
+def _views_key(ctx: Context) -> dict | None:
+    c = ctx.cfg.cbl
+    return None if c.views == 1 else {"views": c.views, "zoom": list(c.view_zoom), "seed": ctx.cfg.seed}
+
+
 # ----------------------------------------------------------------------------- backbone
 def stage_backbone(ctx: Context) -> Path:
     """Train the backbone on the train split (stand-in for pre-training); returns the weights path."""
@@ -165,11 +187,13 @@ def stage_features(ctx: Context, split: str, backbone=None):
     with _timed(ctx, f"features_{split}"):
         spec = backbone_spec(ctx)
         backbone = backbone or build_backbone(spec).to(ctx.device)
-        dataset = _split(ctx, split)
+        dataset = _cbl_train_split(ctx) if split == "train" else _split(ctx, split)
         # The image fingerprint is in the key: the path and count alone reused a stale cache after the
         # dataset at the same path was regenerated (e.g. `data synth` with another seed).
         key = {"backbone": {**spec.to_dict(), "weights": _weights_digest(spec)}, "split": split,
                "data": str(ctx.data.resolve()), "images": images_fingerprint(dataset.paths)}
+        if split == "train" and _views_key(ctx):
+            key["views"] = _views_key(ctx)
         return build_feature_cache(backbone, dataset, ctx.cfg.grid, ctx.run.features / split, key,
                                    batch_size=ctx.cfg.cbl.feature_batch_size, shard_size=ctx.cfg.cbl.shard_size,
                                    dtype=ctx.cfg.cbl.feature_cache_dtype, num_workers=ctx.cfg.num_workers,
@@ -177,13 +201,31 @@ def stage_features(ctx: Context, split: str, backbone=None):
 
 
 # ----------------------------------------------------------------------------- similarity source
+def _object_concepts(ctx: Context) -> list[str]:
+    """The mask concepts whose union is a class's object (class-concept mode, masks source)."""
+    if ctx.cfg.similarity.object_concepts:
+        return list(ctx.cfg.similarity.object_concepts)
+    if read_dataset_info(ctx.data).name == "salf-synth":
+        from .data.synth import KEY_SHAPES
+
+        return list(KEY_SHAPES)
+    raise PipelineError("similarity.class_concepts with the masks source needs similarity.object_concepts: the mask "
+                        "concepts whose union is a class's object in this dataset")
+
+
 def stage_similarity(ctx: Context):
     """The SimilaritySource for the train split: ``(source, clip_info or None)``."""
     cfg = ctx.cfg
     if cfg.similarity.source == "masks":
         from .similarity import MaskSimilarity
 
-        source = MaskSimilarity(ctx.data, "train", cfg.grid, cfg.radius, cfg.backbone.input_size)
+        if cfg.similarity.class_concepts:
+            source = MaskSimilarity.for_classes(cfg.similarity.class_concepts, _object_concepts(ctx), ctx.data, "train",
+                                                cfg.grid, cfg.radius, cfg.backbone.input_size,
+                                                dataset=_cbl_train_split(ctx))
+        else:
+            source = MaskSimilarity(ctx.data, "train", cfg.grid, cfg.radius, cfg.backbone.input_size,
+                                    dataset=_cbl_train_split(ctx))
         return source, None
     if cfg.similarity.source == "clip":
         from .clip.pipeline import build_clip_source  # lazy: open_clip only when asked for
@@ -204,8 +246,12 @@ def stage_cbl(ctx: Context, train_cache=None):
     if len(source.concepts) == 0:
         raise PipelineError("the similarity source has no concepts")
     with _timed(ctx, "cbl"):
-        split = carve_validation(len(cache), ctx.cfg.cbl.val_fraction, ctx.cfg.seed, cache.labels())
-        result = train_cbl(cache, source, split, ctx.cfg.cbl, ctx.cfg.seed, ctx.device, ctx.progress)
+        split = carve_validation(len(cache), ctx.cfg.cbl.val_fraction, ctx.cfg.seed, cache.labels(),
+                                 views=int(ctx.cfg.cbl.views))
+        cbl_cfg = ctx.cfg.cbl
+        if ctx.cfg.similarity.class_concepts:  # one map per class is the point: no interpretability cut-off
+            cbl_cfg = replace(cbl_cfg, interpretability_cutoff=-math.inf)
+        result = train_cbl(cache, source, split, cbl_cfg, ctx.cfg.seed, ctx.device, ctx.progress)
     _save_cbl(ctx, result, source, split, cache, clip_info)
     return result
 
@@ -216,8 +262,10 @@ def _save_cbl(ctx: Context, result, source, split, cache, clip_info) -> None:
     atomic_write_json(ctx.run.cbl / "cbl.json", {
         "concepts": result.concepts, "all_concepts": list(source.concepts), "kept": result.kept,
         "val_indices": split.val_indices, "train_indices": split.train_indices,
-        "features_key": cache.manifest["key"],
-        "similarity": {"source": ctx.cfg.similarity.source, "radius": ctx.cfg.radius},
+        "features_key": cache.manifest["key"], "views": int(ctx.cfg.cbl.views),
+        "similarity": {"source": ctx.cfg.similarity.source, "radius": ctx.cfg.radius,
+                       **({"class_concepts": ctx.cfg.similarity.class_concepts}
+                          if ctx.cfg.similarity.class_concepts else {})},
         "clip": clip_info, **result.record()})
 
 
@@ -309,6 +357,9 @@ def _concept_data(ctx: Context, cache, weight: torch.Tensor, info: dict) -> Conc
 
     c_all, y_all, mean_map, _ = concept_activations(cache, weight, ctx.cfg.pooling, device=ctx.device)
     tr, va = info["train_indices"], info["val_indices"]
+    views = int(info.get("views", 1))
+    if views > 1:  # the head trains on the images themselves: a zoomed view may have cropped the object out
+        tr = [i for i in tr if i % views == 0]
     mean, std = standardisation(c_all[tr])
     return ConceptData((c_all - mean) / std, y_all, mean, std, mean_map, tr, va)
 

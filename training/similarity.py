@@ -47,6 +47,14 @@ def disk_fractions(masks: torch.Tensor, disks: torch.Tensor, areas: torch.Tensor
     return ((flat @ disks) / areas).reshape(*lead, disks.shape[1])
 
 
+def class_prompts(template: str, classes: Sequence[str]) -> list[str]:
+    """The concept list of the class-concept mode: ``template`` with ``{class}`` replaced by each class
+    name (underscores as spaces, as CLIP reads them)."""
+    if "{class}" not in template:
+        raise ValueError(f"the class-concept template {template!r} has no {{class}} placeholder")
+    return [template.replace("{class}", c.replace("_", " ")) for c in classes]
+
+
 class MaskSimilarity:
     """``SimilaritySource`` from annotated masks (``DATA/masks/<split>/<class>/<id>.npz``).
 
@@ -60,8 +68,12 @@ class MaskSimilarity:
     _CHUNK = 64  # images per matrix product when filling the cache
 
     def __init__(self, root: str | Path, split: str, grid: tuple[int, int] = (7, 7), radius: float = 32,
-                 input_size: tuple[int, int] | None = None, concepts: Sequence[str] | None = None) -> None:
-        self.dataset = ImageFolderSplit(root, split, input_size)
+                 input_size: tuple[int, int] | None = None, concepts: Sequence[str] | None = None,
+                 dataset=None) -> None:
+        """``dataset``: the split already opened (e.g. its augmented views, training/augment.py), indexed
+        as the features are; default ``ImageFolderSplit(root, split, input_size)``."""
+        self.dataset = dataset if dataset is not None else ImageFolderSplit(root, split, input_size)
+        self._objects: list[int] | None = None
         if not self.dataset.has_masks:
             raise DatasetError(f"dataset {self.dataset.root} has no concept masks: the masks similarity source "
                                f"needs DATA/masks/<split>/...; use the clip source for this dataset")
@@ -107,8 +119,29 @@ class MaskSimilarity:
             raise DatasetError(f"image {i} has {masks.shape[0]} masks for {len(self._mask_concepts)} concepts")
         return masks[self._select]
 
+    @classmethod
+    def for_classes(cls, template: str, object_concepts: Sequence[str], root: str | Path, split: str,
+                    grid: tuple[int, int] = (7, 7), radius: float = 32, input_size: tuple[int, int] | None = None,
+                    dataset=None) -> "MaskSimilarity":
+        """The class-concept mode (paper 4.2) on annotated masks: concept k is ``template`` for class k,
+        and its mask in an image is the union of ``object_concepts``' masks when the image is of class k,
+        empty otherwise."""
+        self = cls(root, split, grid, radius, input_size, concepts=list(object_concepts), dataset=dataset)
+        self._objects = self._select
+        self._labels = list(self.dataset.labels)
+        self.concepts = class_prompts(template, self.dataset.classes)
+        self._cache = torch.zeros(len(self.dataset), len(self.concepts), self.grid[0] * self.grid[1])
+        return self
+
+    def _class_masks(self, i: int) -> np.ndarray:
+        obj = self._masks(i).any(axis=0)
+        out = np.zeros((len(self.concepts), *obj.shape), dtype=bool)
+        out[self._labels[i]] = obj
+        return out
+
     def _compute(self, indices: list[int]) -> None:
-        masks = torch.from_numpy(np.stack([self._masks(i) for i in indices]))
+        pick = self._masks if self._objects is None else self._class_masks
+        masks = torch.from_numpy(np.stack([pick(i) for i in indices]))
         self._cache[indices] = disk_fractions(masks, self._disks, self._areas)
         self._done[indices] = True
 

@@ -51,3 +51,12 @@ def test_train_all_with_clip_source(synth_data, tmp_path):
     p = source.similarities([0, 95])
     assert p.shape == (2, len(kept), 7, 7) and torch.isfinite(p).all() and float(p.abs().max()) <= 1.0 + 1e-3
     assert not any(f.name.startswith("P") for f in (run / "similarities").iterdir())
+
+    # The class-concept mode (paper 4.2) on the same cache: one prompt per class, no filter drops any.
+    from training.data.synth import CLASS_NAMES
+
+    cfg.similarity.class_concepts = "An image of a {class}"
+    source, concepts = build_clip_source(cfg, synth_data, run)
+    assert concepts == [f"An image of a {c.replace('_', ' ')}" for c in CLASS_NAMES] == source.concepts
+    assert json.loads((run / "concepts" / "report.json").read_text())["filters"].startswith("skipped")
+    assert source.similarities([0]).shape == (1, len(CLASS_NAMES), 7, 7)

@@ -109,3 +109,35 @@ def test_salfctl_eval_writes_json_and_figure(trained_run, synth_data, tmp_path):
     bad = subprocess.run([*SALFCTL, "eval", str(trained_run), "--data", str(synth_data), "--baselines", "Nope"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown baseline" in bad.stderr
+
+
+def test_class_concept_mode_end_to_end(synth_data, tmp_path):
+    """`salfctl train all --class-concepts 'An image of a {class}'` (paper 4.2): one concept per class, none
+    dropped, the template recorded in the bundle; `salfctl eval` then scores each class concept's own
+    map as a heatmap row of its own, and skips the rules (no defining concepts among class prompts)."""
+    from tests.fixtures.trained import write_fast_config
+    from training.data.synth import CLASS_NAMES
+
+    config = write_fast_config(tmp_path / "fast.json")
+    run = tmp_path / "run"
+    train = subprocess.run([*SALFCTL, "train", "all", "--config", str(config), "--data", str(synth_data), "--out",
+                            str(run), "--quiet", "--class-concepts", "An image of a {class}"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=400)
+    assert train.returncode == 0, train.stdout + train.stderr
+    meta = json.loads((run / "bundle" / "bundle.json").read_text())
+    assert meta["concepts"] == [f"An image of a {c.replace('_', ' ')}" for c in CLASS_NAMES]
+    assert meta["similarity"]["class_concepts"] == "An image of a {class}"
+    out = tmp_path / "eval"
+    proc = subprocess.run([*SALFCTL, "eval", str(run), "--data", str(synth_data), "--limit", "8", "--baselines",
+                           "none", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads((out / "eval.json").read_text())
+    assert doc["class_concepts"] == "An image of a {class}"
+    row = doc["localisation"]["rows"]["SALF-CBM class concept (paper 4.2)"]
+    assert row["images"] == 8 and 0.0 <= row["map"] <= 1.0
+    assert "SALF-CBM class concept (paper 4.2)" in doc["generalisation"]["localisation"]["rows"]
+    assert "skipped" in doc["rules"]
+    bad = subprocess.run([*SALFCTL, "train", "all", "--config", str(config), "--data", str(synth_data), "--out",
+                          str(tmp_path / "bad"), "--class-concepts", "no placeholder"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "placeholder" in bad.stderr

@@ -117,3 +117,26 @@ def test_concept_subset(synth_data):
     torch.testing.assert_close(sub.similarities([0, 9]), full.similarities([0, 9])[:, rows])
     with pytest.raises(DatasetError, match="'dragon'"):
         MaskSimilarity(synth_data, "val", grid=(7, 7), radius=16, concepts=["circle", "dragon"])
+
+
+def test_class_concept_mode(synth_data):
+    """Paper 4.2's class concepts on masks: concept k is the key object in images of class k, nothing
+    elsewhere; the prompts follow the template."""
+    from training.data.synth import CLASS_NAMES, KEY_SHAPES
+    from training.similarity import class_prompts
+
+    src = MaskSimilarity.for_classes("An image of a {class}", KEY_SHAPES, synth_data, "train", (7, 7), 16, (112, 112))
+    assert src.concepts == class_prompts("An image of a {class}", CLASS_NAMES)
+    assert src.concepts[0] == "An image of a striped circle"
+    plain = MaskSimilarity(synth_data, "train", (7, 7), 16, (112, 112), concepts=list(KEY_SHAPES))
+    labels = src.dataset.labels
+    idx = list(range(0, len(labels), 5))
+    p, shapes = src.similarities(idx), plain.similarities(idx)
+    for row, i in enumerate(idx):
+        others = [k for k in range(len(CLASS_NAMES)) if k != labels[i]]
+        assert float(p[row, others].abs().sum()) == 0.0
+        # the class's map is the union of the shape masks: at least the largest single shape's fraction
+        assert torch.all(p[row, labels[i]] >= shapes[row].max(dim=0).values - 1e-6)
+        assert float(p[row, labels[i]].max()) > 0.2
+    with pytest.raises(ValueError, match="placeholder"):
+        class_prompts("An image of a thing", CLASS_NAMES)

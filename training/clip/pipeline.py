@@ -142,14 +142,25 @@ def build_clip_source(cfg: SalfConfig, data_root: str | Path, run_dir: str | Pat
     encoder = encoder_from_config(cfg)
     paths, names = split_images(data_root)
     info = read_dataset_info(data_root)
-    concepts, origin = starting_concepts(cfg, data_root)
-    log.info("concepts: %d from %s", len(concepts), origin)
-    result = run_concept_stage(encoder, concepts, info.classes, settings_from_config(cfg), run_dir / "concepts",
-                               paths, names, cfg.clip.batch_size, cfg.clip.num_workers)
+    if cfg.similarity.class_concepts:  # paper 4.2: "An image of a {class}" for every class, never filtered
+        from training.similarity import class_prompts
+
+        kept = class_prompts(cfg.similarity.class_concepts, info.classes)
+        out = run_dir / "concepts"
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "concepts.txt", "\n".join(kept) + "\n")
+        atomic_write_json(out / "report.json", {"class_concepts": cfg.similarity.class_concepts, "kept": kept,
+                                                "filters": "skipped (class-concept mode)"}, indent=1)
+        log.info("concepts: %d class concepts from %r (filters skipped)", len(kept), cfg.similarity.class_concepts)
+    else:
+        concepts, origin = starting_concepts(cfg, data_root)
+        log.info("concepts: %d from %s", len(concepts), origin)
+        kept = run_concept_stage(encoder, concepts, info.classes, settings_from_config(cfg), run_dir / "concepts",
+                                 paths, names, cfg.clip.batch_size, cfg.clip.num_workers).kept
     compute_prompt_embeddings(paths, names, encoder, run_dir / "similarities", cfg.grid,
                               clip_radius(cfg, encoder.image_size), shard_size=cfg.clip.shard_size,
                               batch_size=cfg.clip.batch_size, num_workers=cfg.clip.num_workers,
                               compile=cfg.clip.compile)
     cache = EmbeddingCache(run_dir / "similarities")
-    source = ClipSimilarity(cache, result.kept, encoder.encode_text(result.kept))
-    return source, list(result.kept)
+    source = ClipSimilarity(cache, list(kept), encoder.encode_text(list(kept)))
+    return source, list(kept)

@@ -68,6 +68,17 @@ def salf_class_maps(model: SalfCBM, images: torch.Tensor, classes: torch.Tensor)
                          align_corners=False)[:, 0].numpy()
 
 
+@torch.no_grad()
+def salf_concept_class_maps(model: SalfCBM, images: torch.Tensor, concepts: torch.Tensor) -> np.ndarray:
+    """The class-concept mode's heatmaps (paper 4.2): concept ``concepts[b]``'s map of image ``b``,
+    upsampled to ``[B, H, W]``."""
+    spec = model.backbone.spec
+    maps, _, _ = model(normalize_uint8(images, spec.mean, spec.std))
+    heat = maps[torch.arange(len(images)), concepts]
+    return F.interpolate(heat[:, None], size=tuple(images.shape[1:3]), mode="bilinear",
+                         align_corners=False)[:, 0].numpy()
+
+
 def baseline_maps(method: str, classifier: StandardClassifier, images: torch.Tensor, classes: torch.Tensor,
                   mean, std, ig_steps: int = 16) -> np.ndarray:
     """``method`` (one of :data:`BASELINES`) on uint8 ``images`` for ``classes``: ``[B, H, W]``."""

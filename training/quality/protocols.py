@@ -37,7 +37,8 @@ from training.evaluate import THRESHOLD_RULES, IoUAccumulator, threshold_maps
 from training.model import normalize_uint8, pooled_features
 
 from . import metrics
-from .attributions import BASELINES, StandardClassifier, baseline_maps, salf_class_maps, seconds_per_image
+from .attributions import (BASELINES, StandardClassifier, baseline_maps, salf_class_maps, salf_concept_class_maps,
+                           seconds_per_image)
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +131,37 @@ def sample(dataset, limit: int | None, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(n, size=limit, replace=False).tolist())
 
 
+CLASS_CONCEPT = "SALF-CBM class concept (paper 4.2)"
+
+
+def class_concept_index(meta) -> list[int] | None:
+    """For a bundle trained in the class-concept mode (``similarity.class_concepts``): the concept index of
+    each class's "An image of a {class}" concept; None otherwise."""
+    from training.similarity import class_prompts
+
+    template = (meta.similarity or {}).get("class_concepts")
+    if not template:
+        return None
+    prompts = class_prompts(template, list(meta.classes))
+    concepts = list(meta.concepts)
+    missing = [p for p in prompts if p not in concepts]
+    if missing:
+        raise ValueError(f"the bundle was trained with class concepts {template!r} but lacks {missing}")
+    return [concepts.index(p) for p in prompts]
+
+
 def localisation(model, classifier: StandardClassifier, dataset, indices: list[int], baselines=BASELINES,
-                 batch_size: int = 16, seed: int = 0, keep_examples: int = 4, faithfulness: bool = True) -> dict:
+                 batch_size: int = 16, seed: int = 0, keep_examples: int = 4, faithfulness: bool = True,
+                 class_concepts: list[int] | None = None) -> dict:
+    """``class_concepts``: each class's concept in the class-concept mode (:func:`class_concept_index`);
+    its map is then a row of its own (the paper's Table 2 heatmap)."""
     spec = model.backbone.spec
     n = len(indices)
     if n == 0 or foreground(dataset, indices[0]) is None:
         return {"skipped": "the dataset has no object masks (the synthetic set's shape masks)"}
     scores = {"SALF-CBM": metrics.SegmentationScores(), **{b: metrics.SegmentationScores() for b in baselines}}
+    if class_concepts is not None:
+        scores[CLASS_CONCEPT] = metrics.SegmentationScores()
     unavailable: dict[str, str] = {}
     trivial_names = list(metrics.trivial_maps((2, 2), np.random.default_rng(seed)))
     scores.update({f"trivial: {t}": metrics.SegmentationScores() for t in trivial_names})
@@ -151,6 +176,8 @@ def localisation(model, classifier: StandardClassifier, dataset, indices: list[i
         masks = [foreground(dataset, i) for i in idx]
         fg_share += [float(m.mean()) for m in masks]
         heats = {"SALF-CBM": salf_class_maps(model, images, labels)}
+        if class_concepts is not None:
+            heats[CLASS_CONCEPT] = salf_concept_class_maps(model, images, torch.tensor(class_concepts)[labels])
         trivial = [metrics.trivial_maps(m.shape, np.random.default_rng([seed, i])) for i, m in zip(idx, masks)]
         for b in baselines:
             if b in unavailable:
@@ -320,6 +347,8 @@ def defining_concepts(classes: list[str]) -> dict[str, list[str]]:
 
 def rules(model, concepts: list[str], classes: list[str]) -> dict:
     defining = defining_concepts(classes)
+    if defining and not any(x in concepts for d in defining.values() for x in d):
+        return {"skipped": "none of the classes' defining concepts is among the model's (a class-concept model?)"}
     if not defining:
         return {"skipped": "no defining concepts known for these classes (the synthetic set's)"}
     w = model.head.linear.weight.detach().numpy()
@@ -446,7 +475,7 @@ def pairs(model, classifier: StandardClassifier, dataset, concepts: list[str], c
 
 def generalisation(model, classifier: StandardClassifier, data: str | Path, size: tuple[int, int], concepts: list[str],
                    classes: list[str], baselines=BASELINES, limit: int | None = None, seed: int = 0,
-                   faithfulness: bool = True) -> dict:
+                   faithfulness: bool = True, class_concepts: list[int] | None = None) -> dict:
     """The shifted splits (``salfctl data synth``): single-object images of other sizes, aspect ratios,
     object scales and backgrounds scored like the test split (accuracy, the Table 2 localisation with
     every baseline on the objects' silhouettes, concept localisation), accuracy and pointing by the
@@ -466,7 +495,7 @@ def generalisation(model, classifier: StandardClassifier, data: str | Path, size
            "salf_pointing": float(records["pointing"].mean()), "by_object_size": _buckets(records),
            "foreground_share": float(records["share"].mean())}
     out["localisation"] = localisation(model, classifier, shifted, chosen, baselines, seed=seed, keep_examples=0,
-                                       faithfulness=faithfulness)
+                                       faithfulness=faithfulness, class_concepts=class_concepts)
     out["concepts_localisation"] = concept_localisation(model, concepts, shifted, chosen)
     if (root / "shifted-pairs").is_dir():
         out["pairs"] = pairs(model, classifier, ImageFolderSplit(root, "shifted-pairs", size), concepts, classes)
@@ -499,7 +528,10 @@ def run_eval(bundle: str | Path, data: str | Path, limit: int | None = None, bas
     log.info("1/5 classification")
     doc["classification"], classifier = classification(model, f_train, f_test, len(meta.classes), f_val)
     log.info("2/5 localisation on %d test images", n_test)
-    doc["localisation"] = localisation(model, classifier, test, chosen, baselines, seed=seed)
+    class_concepts = class_concept_index(meta)
+    doc["class_concepts"] = (meta.similarity or {}).get("class_concepts")
+    doc["localisation"] = localisation(model, classifier, test, chosen, baselines, seed=seed,
+                                       class_concepts=class_concepts)
     log.info("3/5 concept localisation")
     doc["concepts_localisation"] = concept_localisation(model, list(meta.concepts), test, chosen)
     log.info("concept neurons")
@@ -510,7 +542,7 @@ def run_eval(bundle: str | Path, data: str | Path, limit: int | None = None, bas
     doc["cost"] = cost(model, classifier, test)
     log.info("generalisation: the shifted splits")
     doc["generalisation"] = generalisation(model, classifier, data, size, list(meta.concepts), list(meta.classes),
-                                           baselines, limit=limit, seed=seed)
+                                           baselines, limit=limit, seed=seed, class_concepts=class_concepts)
     if "skipped" not in doc["generalisation"]:
         # the in-distribution figures the shifted ones sit beside (the same definitions, on the test split)
         records = _per_image(model, classifier, test, chosen)
