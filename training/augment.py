@@ -61,12 +61,15 @@ def warp(x: torch.Tensor, theta: torch.Tensor, mode: str = "bilinear") -> torch.
     return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
-def warp_batch(x: torch.Tensor, generator: torch.Generator, r: AffineRange) -> torch.Tensor:
+def warp_batch(x: torch.Tensor, generator: torch.Generator, r: AffineRange, masks: torch.Tensor | None = None):
     """A normalised batch ``[B, 3, H, W]``, each image through its own random affine (training the
-    backbone); the fill outside is 0, the normalised mean colour."""
+    backbone); the fill outside is 0, the normalised mean colour. With ``masks`` (float ``[B, M, h, w]``,
+    any resolution: the affine is in normalised coordinates) returns ``(x, masks)`` warped alike."""
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
     theta = torch.from_numpy(draw_theta(len(x), np.random.default_rng(seed), r))
-    return warp(x, theta)
+    if masks is None:
+        return warp(x, theta)
+    return warp(x, theta), warp(masks, theta, mode="nearest")
 
 
 def warp_view(image: np.ndarray, masks: np.ndarray | None, theta: np.ndarray, fill: float = 128.0

@@ -5,6 +5,15 @@ small ``salf_tinycnn`` on the synthetic training split: it stands in for the pre
 a user brings. The result is ``RUN/backbone/backbone.safetensors`` (the adapter's state dict,
 loadable as ``BackboneSpec.weights``) and ``RUN/backbone/backbone.json`` (spec, epochs, accuracy,
 SHA-256). The classifier is thrown away: SALF-CBM only keeps the frozen feature extractor.
+
+A broader pre-training task (``backbone_train.concept_presence``): besides the downstream classes, a
+second linear head predicts which of the dataset's concepts each image shows (image-level presence
+from its masks, no locations; binary cross-entropy). The paper's backbones are pre-trained on a task far
+broader than the CBM's classes (ImageNet's labels name colours, textures and scenes), so their
+features encode concepts the downstream classes never ask for; a stand-in trained on the 8 downstream
+classes alone has no reason to encode colour or background, and the CBL cannot find them. Presence
+labels move with the zoom augmentation (the masks are warped with the image, at a quarter of its
+resolution).
 """
 from __future__ import annotations
 
@@ -37,15 +46,37 @@ class BackboneTrainResult:
 
 
 class _Classifier(nn.Module):
-    """Backbone -> global average pool -> linear layer (the usual pre-training head)."""
+    """Backbone -> global average pool -> linear layer (the usual pre-training head), and optionally a
+    second linear layer for concept presence (``num_concepts`` logits)."""
 
-    def __init__(self, backbone: Backbone, num_classes: int) -> None:
+    def __init__(self, backbone: Backbone, num_classes: int, num_concepts: int = 0) -> None:
         super().__init__()
         self.backbone = backbone
         self.fc = nn.Linear(backbone.feature_shape()[0], num_classes)
+        self.presence = nn.Linear(backbone.feature_shape()[0], num_concepts) if num_concepts else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.backbone(x).mean(dim=(2, 3)))
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        pooled = self.backbone(x).mean(dim=(2, 3))
+        return self.fc(pooled), (self.presence(pooled) if self.presence is not None else None)
+
+
+class _WithMasks(torch.utils.data.Dataset):
+    """Items ``(image, label, masks)``: the split's concept masks at a quarter of the input size (nearest),
+    small enough to warp with the batch."""
+
+    def __init__(self, split) -> None:
+        self.split = split
+        h, w = split.input_size
+        self.size = (max(1, h // 4), max(1, w // 4))
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int):
+        from .data.folder import resize_masks_nearest
+
+        image, label = self.split[i]
+        return image, label, torch.from_numpy(resize_masks_nearest(self.split.load_masks(i), self.size))
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int) -> torch.Tensor:
@@ -72,9 +103,14 @@ def train_backbone(spec: BackboneSpec, dataset, num_classes: int, cfg: BackboneT
         raise ValueError("backbone_train.epochs must be >= 1")
     dev = resolve_device(device)
     gen = seed_everything(seed)
-    model = _Classifier(build_backbone(spec), num_classes).to(dev)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                         num_workers=num_workers, drop_last=len(dataset) > cfg.batch_size)
+    presence = bool(cfg.concept_presence)
+    if presence and not (getattr(dataset, "has_masks", False) and dataset.concepts):
+        raise ValueError("backbone_train.concept_presence needs a dataset with concept masks (concepts.txt + masks/)")
+    num_concepts = len(dataset.concepts) if presence else 0
+    model = _Classifier(build_backbone(spec), num_classes, num_concepts).to(dev)
+    loader = torch.utils.data.DataLoader(_WithMasks(dataset) if presence else dataset, batch_size=cfg.batch_size,
+                                         shuffle=True, generator=gen, num_workers=num_workers,
+                                         drop_last=len(dataset) > cfg.batch_size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * len(loader),
                                                 pct_start=0.15)
@@ -86,15 +122,22 @@ def train_backbone(spec: BackboneSpec, dataset, num_classes: int, cfg: BackboneT
     for _ in epochs:
         model.train()
         correct = seen = 0
-        for images, labels in loader:
+        for batch in loader:
+            images, labels = batch[0], batch[1]
+            masks = batch[2].float() if presence else None
             x = normalize_uint8(images, spec.mean, spec.std)
-            if cfg.augment and zoom is not None:
+            if cfg.augment and zoom is not None and masks is not None:
+                x, masks = warp_batch(x, gen, zoom, masks)
+            elif cfg.augment and zoom is not None:
                 x = warp_batch(x, gen, zoom)
             elif cfg.augment:
-                x = augment(x, gen, pad)
+                x = augment(x, gen, pad)  # a pad-crop shift keeps what is present (masks unused)
             x, labels = x.to(dev), labels.to(dev)
-            logits = model(x)
+            logits, presence_logits = model(x)
             loss = F.cross_entropy(logits, labels)
+            if presence:
+                target = (masks.flatten(2) > 0.5).any(dim=2).float().to(dev)
+                loss = loss + F.binary_cross_entropy_with_logits(presence_logits, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -27,6 +27,9 @@ class BackboneTrainCfg:
     # [min, max] magnification of a random affine per image (with aspect change, shift and flips;
     # training/augment.py) instead of pad + crop: the backbone then sees objects at other scales.
     zoom: list[float] | None = None
+    # A broader pre-training task: also predict which of the dataset's concepts each image shows
+    # (image-level, from its masks; training/backbone_train.py says why).
+    concept_presence: bool = False
 
 
 @dataclass
@@ -98,6 +101,7 @@ class SalfConfig:
     seed: int = 0
     backbone: BackboneSpec = field(default_factory=BackboneSpec)
     grid: tuple[int, int] = (7, 7)
+    grid_placement: str = "stride"  # where the prompts' centres sit (salf/contract/grid.py): stride | cells
     radius: int = 32
     pooling: str = "avg"
     device: str = "auto"  # "auto": CUDA when available, else CPU
@@ -146,6 +150,8 @@ def config_from_dict(data: dict, where: str = "config") -> SalfConfig:
     cfg = _build(SalfConfig, data, where)
     if cfg.pooling not in ("avg", "softmax"):
         raise ValueError(f"{where}.pooling must be 'avg' or 'softmax', got {cfg.pooling!r}")
+    if cfg.grid_placement not in ("stride", "cells"):
+        raise ValueError(f"{where}.grid_placement must be 'stride' or 'cells', got {cfg.grid_placement!r}")
     if cfg.similarity.source not in ("masks", "clip"):
         raise ValueError(f"{where}.similarity.source must be 'masks' or 'clip', got {cfg.similarity.source!r}")
     return cfg

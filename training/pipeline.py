@@ -222,10 +222,10 @@ def stage_similarity(ctx: Context):
         if cfg.similarity.class_concepts:
             source = MaskSimilarity.for_classes(cfg.similarity.class_concepts, _object_concepts(ctx), ctx.data, "train",
                                                 cfg.grid, cfg.radius, cfg.backbone.input_size,
-                                                dataset=_cbl_train_split(ctx))
+                                                dataset=_cbl_train_split(ctx), placement=cfg.grid_placement)
         else:
             source = MaskSimilarity(ctx.data, "train", cfg.grid, cfg.radius, cfg.backbone.input_size,
-                                    dataset=_cbl_train_split(ctx))
+                                    dataset=_cbl_train_split(ctx), placement=cfg.grid_placement)
         return source, None
     if cfg.similarity.source == "clip":
         from .clip.pipeline import build_clip_source  # lazy: open_clip only when asked for
@@ -264,6 +264,7 @@ def _save_cbl(ctx: Context, result, source, split, cache, clip_info) -> None:
         "val_indices": split.val_indices, "train_indices": split.train_indices,
         "features_key": cache.manifest["key"], "views": int(ctx.cfg.cbl.views),
         "similarity": {"source": ctx.cfg.similarity.source, "radius": ctx.cfg.radius,
+                       "grid_placement": ctx.cfg.grid_placement,
                        **({"class_concepts": ctx.cfg.similarity.class_concepts}
                           if ctx.cfg.similarity.class_concepts else {})},
         "clip": clip_info, **result.record()})

@@ -69,7 +69,7 @@ class MaskSimilarity:
 
     def __init__(self, root: str | Path, split: str, grid: tuple[int, int] = (7, 7), radius: float = 32,
                  input_size: tuple[int, int] | None = None, concepts: Sequence[str] | None = None,
-                 dataset=None) -> None:
+                 dataset=None, placement: str = "stride") -> None:
         """``dataset``: the split already opened (e.g. its augmented views, training/augment.py), indexed
         as the features are; default ``ImageFolderSplit(root, split, input_size)``."""
         self.dataset = dataset if dataset is not None else ImageFolderSplit(root, split, input_size)
@@ -86,7 +86,8 @@ class MaskSimilarity:
         self.radius = float(radius)
         size = self.dataset.input_size or self.dataset.info.image_size or self.dataset.load_masks(0).shape[-2:]
         self.input_size: tuple[int, int] = (int(size[0]), int(size[1]))
-        self._disks = torch.from_numpy(disk_matrix(self.input_size, self.grid, self.radius))
+        self.placement = placement
+        self._disks = torch.from_numpy(disk_matrix(self.input_size, self.grid, self.radius, placement))
         self._areas = self._disks.sum(dim=0)
         if bool((self._areas == 0).any()):
             raise ValueError(f"radius {radius} gives an empty disk at some grid cell")
@@ -122,11 +123,12 @@ class MaskSimilarity:
     @classmethod
     def for_classes(cls, template: str, object_concepts: Sequence[str], root: str | Path, split: str,
                     grid: tuple[int, int] = (7, 7), radius: float = 32, input_size: tuple[int, int] | None = None,
-                    dataset=None) -> "MaskSimilarity":
+                    dataset=None, placement: str = "stride") -> "MaskSimilarity":
         """The class-concept mode (paper 4.2) on annotated masks: concept k is ``template`` for class k,
         and its mask in an image is the union of ``object_concepts``' masks when the image is of class k,
         empty otherwise."""
-        self = cls(root, split, grid, radius, input_size, concepts=list(object_concepts), dataset=dataset)
+        self = cls(root, split, grid, radius, input_size, concepts=list(object_concepts), dataset=dataset,
+                   placement=placement)
         self._objects = self._select
         self._labels = list(self.dataset.labels)
         self.concepts = class_prompts(template, self.dataset.classes)

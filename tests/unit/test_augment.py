@@ -64,3 +64,19 @@ def test_validation_split_groups_views():
     assert len(split.train_indices) == 3 * (40 - len(val_images))
     with pytest.raises(ValueError, match="views"):
         carve_validation(10, 0.2, 0, None, views=3)
+
+
+def test_warp_batch_moves_masks_with_pixels():
+    """The backbone's on-the-fly zoom warps low-resolution masks with the image (presence labels)."""
+    from training.augment import warp_batch
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(8, 1, 16, 16)
+    masks[:, 0, 4:10, 6:12] = 1.0
+    x = masks.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3).expand(8, 3, 64, 64).clone()  # the mask, 4x
+    wx, wm = warp_batch(x, g, AffineRange(zoom=(0.5, 2.0)), masks)
+    assert wx.shape == x.shape and wm.shape == masks.shape
+    up = wm.repeat_interleave(4, dim=2).repeat_interleave(4, dim=3)[:, 0] > 0.5
+    agree = ((wx[:, 0] > 0.5) == up).float().mean()
+    assert agree > 0.97  # the same affine: only boundary pixels differ between the two resolutions
+    assert not torch.equal(wx, x)

@@ -55,3 +55,24 @@ def test_disk_matrix_columns_are_clipped_disks():
 def test_disk_matrix_rejects_negative_radius():
     with pytest.raises(ValueError, match="radius"):
         disk_matrix((9, 9), (3, 3), -1)
+
+
+def test_cell_centre_placement():
+    """"cells": the centre of each of G equal cells, where the bottleneck's bilinear resize (align_corners
+    False) samples grid cell i: 16 + 32 i at 224 px, 8 + 16 i at 112 px."""
+    import torch
+    import torch.nn.functional as F
+
+    from salf.contract.grid import grid_centres, grid_points
+
+    assert grid_centres(224, 7, "cells") == [16 + 32 * i for i in range(7)]
+    assert grid_centres(112, 7, "cells") == [8 + 16 * i for i in range(7)]
+    assert grid_centres(224, 7) == [0, 37, 74, 111, 148, 185, 222]  # the default stays the paper's stride
+    assert grid_points((112, 224), (7, 7), "cells")[8] == (24, 48)
+    # resizing a 224-px ramp to 7 cells gives each cell the value at its cell centre (the continuous one,
+    # 15.5 + 32 i in pixel-index coordinates: floor puts it on pixel 16 + 32 i - 1 / 2)
+    ramp = torch.arange(224, dtype=torch.float32).view(1, 1, 1, 224).expand(1, 1, 224, 224)
+    cells = F.interpolate(ramp, size=(7, 7), mode="bilinear", align_corners=False)[0, 0, 0]
+    assert torch.allclose(cells, torch.tensor([15.5 + 32 * i for i in range(7)]))
+    with pytest.raises(ValueError, match="placement"):
+        grid_centres(224, 7, "middle")

@@ -160,7 +160,7 @@ def build_clip_source(cfg: SalfConfig, data_root: str | Path, run_dir: str | Pat
     compute_prompt_embeddings(paths, names, encoder, run_dir / "similarities", cfg.grid,
                               clip_radius(cfg, encoder.image_size), shard_size=cfg.clip.shard_size,
                               batch_size=cfg.clip.batch_size, num_workers=cfg.clip.num_workers,
-                              compile=cfg.clip.compile)
+                              compile=cfg.clip.compile, placement=cfg.grid_placement)
     cache = EmbeddingCache(run_dir / "similarities")
     source = ClipSimilarity(cache, list(kept), encoder.encode_text(list(kept)))
     return source, list(kept)

@@ -43,10 +43,11 @@ def draw_circle_pil(image: Image.Image, centre: tuple[int, int], radius: int) ->
 
 
 @lru_cache(maxsize=16)
-def _stencil_np(image_size: tuple[int, int], grid: tuple[int, int], radius: int) -> np.ndarray:
+def _stencil_np(image_size: tuple[int, int], grid: tuple[int, int], radius: int, placement: str = "stride"
+                ) -> np.ndarray:
     h, w = image_size
     masks = []
-    for centre in grid_points(image_size, grid):
+    for centre in grid_points(image_size, grid, placement):
         canvas = Image.new("L", (w, h), 0)
         ImageDraw.Draw(canvas).ellipse(circle_bbox(centre, radius), outline=255, width=LINE_WIDTH)
         masks.append(np.asarray(canvas) > 0)
@@ -54,12 +55,12 @@ def _stencil_np(image_size: tuple[int, int], grid: tuple[int, int], radius: int)
 
 
 def ring_stencil(image_size: tuple[int, int], grid: tuple[int, int], radius: int,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
+                 device: torch.device | str = "cpu", placement: str = "stride") -> torch.Tensor:
     """Boolean ``[Gh*Gw, H, W]``: the ring pixels of every grid cell, in row-major grid order."""
     if radius < LINE_WIDTH:
         raise ValueError(f"circle radius must be at least the line width {LINE_WIDTH}, got {radius}")
     size = (int(image_size[0]), int(image_size[1]))
-    return torch.from_numpy(_stencil_np(size, (int(grid[0]), int(grid[1])), int(radius))).to(device)
+    return torch.from_numpy(_stencil_np(size, (int(grid[0]), int(grid[1])), int(radius), placement)).to(device)
 
 
 def prompts_uint8(images: torch.Tensor, stencil: torch.Tensor) -> torch.Tensor:

@@ -68,12 +68,13 @@ class CacheSpec:
     prompt_path: str = "full"  # "full" or "patch-reuse" (PromptEmbedder): fixes the float rounding
     compiled: bool = False  # torch.compile changes the float rounding too
     dtype: str = "float16"
+    placement: str = "stride"  # salf/contract/grid.py
 
     def to_dict(self) -> dict:
         d = asdict(self)
         for key in ("image_size", "mean", "std", "grid"):
             d[key] = list(d[key])
-        d["centres"] = [list(p) for p in grid_points(self.image_size, self.grid)]
+        d["centres"] = [list(p) for p in grid_points(self.image_size, self.grid, self.placement)]
         return d
 
     @classmethod
@@ -215,9 +216,9 @@ class PromptEmbedder:
     """
 
     def __init__(self, encoder: ClipEncoder, grid: tuple[int, int], radius: int, compile: bool = False,
-                 path: str | None = None) -> None:
+                 path: str | None = None, placement: str = "stride") -> None:
         self.encoder, self.grid, self.radius = encoder, grid, radius
-        self.stencil = ring_stencil(encoder.image_size, grid, radius, device=encoder.device)
+        self.stencil = ring_stencil(encoder.image_size, grid, radius, device=encoder.device, placement=placement)
         self.constants = normalization_constants(encoder.mean, encoder.std, encoder.device)
         self.path = path or prompt_path(encoder)
         if self.path not in ("full", "patch-reuse"):
@@ -331,20 +332,20 @@ def _adopt_batching(out_dir: Path, spec: CacheSpec, overwrite: bool) -> CacheSpe
 
 def build_spec(encoder: ClipEncoder, names: Sequence[str], grid: tuple[int, int], radius: int,
                shard_size: int, batch_size: int, path: str = "full", compiled: bool = False,
-               paths: Sequence[str | Path] | None = None) -> CacheSpec:
+               paths: Sequence[str | Path] | None = None, placement: str = "stride") -> CacheSpec:
     dim = encoder.embed_dim
     return CacheSpec(model=encoder.name, pretrained=encoder.pretrained, weights_sha256=encoder.weights_sha256,
                      init_seed=encoder.init_seed, image_size=tuple(encoder.image_size), mean=tuple(encoder.mean),
                      std=tuple(encoder.std), grid=(int(grid[0]), int(grid[1])), radius=int(radius),
                      num_images=len(names), images_sha256=images_digest(names, paths), shard_size=int(shard_size),
                      batch_size=int(batch_size), dim=dim, precision=encoder.precision, prompt_path=path,
-                     compiled=bool(compiled))
+                     compiled=bool(compiled), placement=placement)
 
 
 def compute_prompt_embeddings(paths: Sequence[str | Path], names: Sequence[str], encoder: ClipEncoder,
                               out_dir: str | Path, grid: tuple[int, int], radius: int, shard_size: int = 1024,
                               batch_size: int = 256, num_workers: int | None = None, compile: bool = False,
-                              overwrite: bool = False) -> Path:
+                              overwrite: bool = False, placement: str = "stride") -> Path:
     """Run (or resume) the similarity stage; returns the manifest path (complete once every rank is done).
 
     ``paths``: image files in dataset order; ``names``: their stable names (relative paths) for the
@@ -359,7 +360,7 @@ def compute_prompt_embeddings(paths: Sequence[str | Path], names: Sequence[str],
     rank, world, created = distributed_context()
     try:
         spec = build_spec(encoder, names, grid, radius, shard_size, batch_size, prompt_path(encoder), compile,
-                          paths)
+                          paths, placement)
         spec = _adopt_batching(out, spec, overwrite)
         if rank == 0:
             _check_or_write_plan(out, spec, rank, overwrite)
@@ -387,7 +388,8 @@ def compute_prompt_embeddings(paths: Sequence[str | Path], names: Sequence[str],
 
 def _encode_shards(paths, encoder: ClipEncoder, out: Path, spec: CacheSpec, ranges, todo: list[int],
                    num_workers: int | None, compile: bool) -> None:
-    embedder = PromptEmbedder(encoder, spec.grid, spec.radius, compile=spec.compiled, path=spec.prompt_path)
+    embedder = PromptEmbedder(encoder, spec.grid, spec.radius, compile=spec.compiled, path=spec.prompt_path,
+                              placement=spec.placement)
     per_batch = max(1, spec.batch_size // spec.num_prompts)
     batches = _plan_batches([ranges[i] for i in todo], per_batch)
     workers = default_workers(encoder.device) if num_workers is None else num_workers
