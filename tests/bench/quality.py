@@ -101,6 +101,14 @@ def render(doc: dict, seconds: float, figures: dict[str, str], command: str) -> 
         if title in notes:
             lines += [notes[title], ""]
         lines += [*body, ""]
+    if doc.get("placement_study"):
+        ps = doc["placement_study"]
+        lines += ["## Grid placement: the paper's stride vs the cells' centres", "",
+                  "Algorithm 1 leaves the prompt centres ambiguous (salf/contract/grid.py): `stride` puts them at "
+                  "i * floor(S/(G-1)) (0, 18, ..., 108 at 112 px), `cells` at the centre of each of the G cells "
+                  "(8, 24, ..., 104), where the bottleneck's bilinear resize samples grid cell i. Same backbone and "
+                  "cached features; the CBL and the head trained again with the other placement; no baselines.", "",
+                  *placement_table(ps["summaries"], ps["default"]), ""]
     if figures.get("localisation"):
         lines += ["## Examples: class heatmaps", "", f"![class heatmaps]({figures['localisation']})", ""]
     if figures.get("rules"):
@@ -116,12 +124,69 @@ def render(doc: dict, seconds: float, figures: dict[str, str], command: str) -> 
     return "\n".join(lines)
 
 
+def placement_study(run: Path, data: Path, config: str, limit: int | None) -> dict:
+    """The grid-placement study of issue 14: the same backbone and cached features, the CBL and head
+    trained again with the other placement (salf/contract/grid.py), both evaluated without baselines.
+    Returns ``{placement: summary}``."""
+    import json
+
+    from training.bundle import read_meta
+    from training.config import load_config
+    from training.quality.protocols import run_eval
+
+    meta, _ = read_meta(run / "bundle")
+    own = (meta.similarity or {}).get("grid_placement", "stride")
+    out = {own: None}
+    for placement in ("stride", "cells"):
+        if placement == own:
+            continue
+        other = ROOT / "runs" / f"quality-{placement}"
+        shutil.rmtree(other, ignore_errors=True)
+        other.mkdir(parents=True)
+        for part in ("backbone", "features"):  # placement-independent: reused, not recomputed
+            if (run / part).is_dir():
+                shutil.copytree(run / part, other / part)
+        cfg = load_config(config).to_dict()
+        cfg["grid_placement"] = placement
+        path = other / "config.json"
+        path.write_text(json.dumps(cfg))
+        _salfctl("train", "cbl", "--config", path, "--data", data, "--out", other, "--quiet")
+        _salfctl("train", "head", "--config", path, "--data", data, "--out", other, "--quiet")
+        out[placement] = run_eval(other / "bundle", data, limit=limit, baselines=(), seed=0)
+    return out
+
+
+def placement_summary(doc: dict) -> dict:
+    g = doc.get("generalisation", {})
+    cl, gcl = doc["concepts_localisation"]["mean"]["SALF-CBM"], g.get("concepts_localisation", {}).get("mean", {})
+    return {"accuracy": doc["classification"]["rows"]["SALF-CBM sparse (the bundle's head)"]["accuracy"],
+            "concepts kept": len(doc["concepts"]),
+            "concept IoU (half)": cl["iou_half"], "concept pointing": cl["pointing"],
+            "class heatmap mAP": doc["localisation"]["rows"]["SALF-CBM"]["map"],
+            "class heatmap pointing": doc["localisation"]["rows"]["SALF-CBM"]["pointing"],
+            "shifted: concept pointing": gcl.get("SALF-CBM", {}).get("pointing", float("nan")),
+            "shifted: class heatmap mAP": g.get("localisation", {}).get("rows", {}).get("SALF-CBM", {}).get(
+                "map", float("nan"))}
+
+
+def placement_table(summaries: dict[str, dict], default: str) -> list[str]:
+    names = list(summaries)
+    lines = ["| | " + " | ".join(f"{n}{' (this model)' if n == default else ''}" for n in names) + " |",
+             "|---|" + "---:|" * len(names)]
+    for key in summaries[names[0]]:
+        cells = [summaries[n][key] for n in names]
+        lines.append(f"| {key} | " + " | ".join(str(c) if isinstance(c, int) else f"{c:.3f}" for c in cells) + " |")
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=ROOT / "runs" / "demo")
     ap.add_argument("--limit", type=int, default=None, help="test images for localisation (default all)")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--config", default="tiny-cpu", help="the preset the run was trained with")
+    ap.add_argument("--no-placement-study", action="store_true", help="skip retraining with the other placement")
     args = ap.parse_args(argv)
     from training.quality.protocols import run_eval
     from training.quality.report import write
@@ -132,7 +197,14 @@ def main(argv=None) -> int:
         _salfctl("data", "synth", "--out", data, "--seed", 0, "--workers", 2)
     if not (args.run / "bundle" / "bundle.json").is_file():
         _salfctl("train", "all", "--config", "tiny-cpu", "--data", data, "--out", args.run)
+    if not (data / "shifted").is_dir():  # a dataset made before the shifted splits: add them (others untouched)
+        _salfctl("data", "synth", "--out", data, "--seed", 0, "--workers", 2)
     doc = run_eval(args.run / "bundle", data, limit=args.limit, seed=0)
+    if not args.no_placement_study:
+        study = placement_study(args.run, data, args.config, args.limit)
+        own = next(k for k, v in study.items() if v is None)
+        doc["placement_study"] = {"default": own, "summaries": {
+            k: placement_summary(doc if v is None else v) for k, v in study.items()}}
     out = ROOT / "runs" / "quality"
     from training.data.folder import ImageFolderSplit
 

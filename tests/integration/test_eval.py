@@ -141,3 +141,32 @@ def test_class_concept_mode_end_to_end(synth_data, tmp_path):
                           str(tmp_path / "bad"), "--class-concepts", "no placeholder"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "placeholder" in bad.stderr
+
+
+def test_imagenet_segmentation_file(trained_run, synth_data, tmp_path):
+    """`salfctl eval --imagenet-seg gtsegs_ijcv.mat` (a file the test writes in the real layout, with
+    synthetic images and their objects' silhouettes, other sizes included): Table 2 on it alone (the
+    baselines explain the SALF-CBM itself), and beside the dataset's protocols with --data."""
+    from tests.unit.test_quality_readers import write_gtsegs
+    from training.data.folder import ImageFolderSplit
+    from training.quality.protocols import foreground
+
+    images, masks = [], []
+    for split in ("test", "shifted"):
+        ds = ImageFolderSplit(synth_data, split)
+        for i in range(0, len(ds), len(ds) // 3):
+            images.append(ds.image(i))
+            masks.append(foreground(ds, i))
+    path = tmp_path / "gtsegs_ijcv.mat"
+    write_gtsegs(path, images, masks)
+    out = tmp_path / "seg"
+    proc = subprocess.run([*SALFCTL, "eval", str(trained_run), "--imagenet-seg", str(path), "--baselines", "GradCAM",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ImageNet-segmentation (paper Table 2)" in proc.stdout
+    seg = json.loads((out / "eval.json").read_text())["imagenet_segmentation"]
+    assert seg["images"] == len(images) and seg["baselines_explain"] == "the SALF-CBM itself"
+    assert set(seg["rows"]) >= {"SALF-CBM", "GradCAM", "trivial: all background"}
+    assert seg["rows"]["SALF-CBM"]["images"] == len(images)
+    none = subprocess.run([*SALFCTL, "eval", str(trained_run)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert none.returncode == 2 and "--imagenet-seg" in none.stderr

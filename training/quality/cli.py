@@ -14,7 +14,12 @@ def register(app: typer.Typer) -> None:
     @command(app, "eval", training_errors)
     def evaluate(
         bundle: Path = typer.Argument(..., help="bundle folder, or a training run folder holding bundle/"),
-        data: Path = typer.Option(..., "--data", help="dataset (train/, test/, optional val/; masks for localisation)"),
+        data: Optional[Path] = typer.Option(None, "--data", help="dataset (train/, test/, optional val/; masks for "
+                                                                 "localisation); needed unless --imagenet-seg"),
+        imagenet_seg: Optional[Path] = typer.Option(
+            None, "--imagenet-seg", help="the ImageNet-segmentation file (gtsegs_ijcv.mat) of the paper's Table 2: "
+                                         "class heatmaps of the predicted class against its objects; alone (without "
+                                         "--data) the baselines explain the SALF-CBM itself"),
         out: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="eval.json and figures go here"),
         limit: Optional[int] = typer.Option(None, "--limit", help="test images for localisation (default all)"),
         train_limit: Optional[int] = typer.Option(None, "--train-limit", help="train images for the heads (default all)"),
@@ -34,10 +39,18 @@ def register(app: typer.Typer) -> None:
         unknown = [b for b in chosen if b not in _baselines()]
         if unknown:
             raise typer.BadParameter(f"unknown baseline(s) {unknown}; choose from {', '.join(_baselines())}")
-        doc = run_eval(bundle, data, limit=limit, baselines=tuple(chosen), seed=seed, train_limit=train_limit)
+        if data is None and imagenet_seg is None:
+            raise typer.BadParameter("give a dataset (--data) or the ImageNet-segmentation file (--imagenet-seg)")
+        if data is not None:
+            doc = run_eval(bundle, data, limit=limit, baselines=tuple(chosen), seed=seed, train_limit=train_limit,
+                           imagenet_seg=imagenet_seg)
+        else:
+            from .protocols import run_imagenet_segmentation
+
+            doc = run_imagenet_segmentation(bundle, imagenet_seg, limit=limit, baselines=tuple(chosen), seed=seed)
         from training.data.folder import ImageFolderSplit
 
-        paths = write(doc, out, ImageFolderSplit(data, "test"))
+        paths = write(doc, out, ImageFolderSplit(data, "test") if data is not None else None)
         # Markdown tables, as docs/results.md has them: stable to read, diff and paste, whatever the terminal.
         typer.echo(f"supervision of the concept maps: {doc['supervision']}")
         for title, lines in tables(doc).items():

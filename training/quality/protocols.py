@@ -114,8 +114,11 @@ def classification(model, train, test, num_classes: int, val=None) -> tuple[dict
 
 # ------------------------------------------------------------------ 2. localisation
 def foreground(dataset, i: int) -> np.ndarray | None:
-    """The key object's silhouette on the synthetic set (the union of its shape concepts' masks)."""
-    concepts = dataset.concepts or []
+    """The object's silhouette: the dataset's own (:class:`SegmentationSplit`), or on the synthetic set the
+    key object's (the union of its shape concepts' masks)."""
+    if hasattr(dataset, "foreground_mask"):
+        return dataset.foreground_mask(i)
+    concepts = getattr(dataset, "concepts", None) or []
     rows = [concepts.index(c) for c in KEY_SHAPES if c in concepts]
     if not rows or not getattr(dataset, "has_masks", False):
         return None
@@ -502,9 +505,90 @@ def generalisation(model, classifier: StandardClassifier, data: str | Path, size
     return out
 
 
+# ------------------------------------------------------------------ ImageNet-segmentation (paper Table 2)
+class SegmentationSplit:
+    """(image, object mask) pairs (``readers.ImageNetSegmentation``) as :func:`localisation` reads a split:
+    images squashed to the model's input (bilinear, the serving preprocessing), masks resized nearest;
+    the label of an image is the SALF-CBM's predicted class (the file has no labels: the protocol
+    explains the predicted class)."""
+
+    has_masks = True
+    concepts = None
+
+    def __init__(self, reader, input_size: tuple[int, int], model) -> None:
+        self.reader, self.input_size, self.model = reader, tuple(input_size), model
+        self._predicted: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def _image(self, i: int) -> np.ndarray:
+        from PIL import Image
+
+        from salf.contract.images import model_input
+
+        return model_input(Image.fromarray(self.reader[i][0]), self.input_size)
+
+    @torch.no_grad()
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = torch.from_numpy(self._image(i))
+        if i not in self._predicted:
+            spec = self.model.backbone.spec
+            self._predicted[i] = int(self.model(normalize_uint8(image[None], spec.mean, spec.std))[2].argmax())
+        return image, self._predicted[i]
+
+    def foreground_mask(self, i: int) -> np.ndarray:
+        from training.data.folder import resize_masks_nearest
+
+        return resize_masks_nearest(self.reader[i][1][None], self.input_size)[0]
+
+
+class SalfLogits(torch.nn.Module):
+    """The SALF-CBM as a plain classifier (normalised images -> logits) for the gradient baselines when
+    no standard head can be fitted (no train split): GradCAM & co. then explain the SALF-CBM itself."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model, self.backbone = model, model.backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[2]
+
+
+def imagenet_segmentation(model, path: str | Path, input_size: tuple[int, int], classifier=None,
+                          baselines=BASELINES, limit: int | None = None, seed: int = 0,
+                          class_concepts: list[int] | None = None) -> dict:
+    """Table 2 on ``gtsegs_ijcv.mat`` (:class:`readers.ImageNetSegmentation`): every heatmap of the
+    predicted class against the annotated object. ``classifier``: the standard model the baselines
+    explain (default: the SALF-CBM itself, :class:`SalfLogits`)."""
+    from .readers import ImageNetSegmentation
+
+    split = SegmentationSplit(ImageNetSegmentation(path), input_size, model)
+    explained = "the standard dense model" if classifier is not None else "the SALF-CBM itself"
+    out = localisation(model, classifier if classifier is not None else SalfLogits(model).eval(), split,
+                       sample(split, limit, seed), baselines, seed=seed, keep_examples=0,
+                       class_concepts=class_concepts)
+    out.update(file=str(path), target="the SALF-CBM's predicted class", baselines_explain=explained)
+    return out
+
+
 # ------------------------------------------------------------------ all of it
+def run_imagenet_segmentation(bundle: str | Path, path: str | Path, limit: int | None = None, baselines=BASELINES,
+                              seed: int = 0) -> dict:
+    """Only the ImageNet-segmentation protocol (no dataset to fit a standard head on)."""
+    from training.bundle import load_bundle
+
+    torch.manual_seed(seed)
+    model, meta = load_bundle(bundle)
+    return {"bundle": str(bundle), "seed": seed, "supervision": (meta.similarity or {}).get("source", "unknown"),
+            "concepts": list(meta.concepts), "classes": list(meta.classes),
+            "class_concepts": (meta.similarity or {}).get("class_concepts"),
+            "imagenet_segmentation": imagenet_segmentation(model, path, meta.backbone.input_size, None, baselines,
+                                                           limit, seed, class_concept_index(meta))}
+
+
 def run_eval(bundle: str | Path, data: str | Path, limit: int | None = None, baselines=BASELINES, seed: int = 0,
-             train_limit: int | None = None) -> dict:
+             train_limit: int | None = None, imagenet_seg: str | Path | None = None) -> dict:
     """Every protocol on ``bundle`` with ``data`` (train split for the heads, val when present, test for
     the scores); ``limit``: test images for localisation (default all); ``train_limit``: train images."""
     from training.bundle import load_bundle
@@ -543,6 +627,10 @@ def run_eval(bundle: str | Path, data: str | Path, limit: int | None = None, bas
     log.info("generalisation: the shifted splits")
     doc["generalisation"] = generalisation(model, classifier, data, size, list(meta.concepts), list(meta.classes),
                                            baselines, limit=limit, seed=seed, class_concepts=class_concepts)
+    if imagenet_seg is not None:
+        log.info("ImageNet-segmentation: %s", imagenet_seg)
+        doc["imagenet_segmentation"] = imagenet_segmentation(model, imagenet_seg, size, classifier, baselines, limit,
+                                                             seed, class_concepts)
     if "skipped" not in doc["generalisation"]:
         # the in-distribution figures the shifted ones sit beside (the same definitions, on the test split)
         records = _per_image(model, classifier, test, chosen)

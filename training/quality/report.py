@@ -176,11 +176,15 @@ def shifted_localisation_table(doc: dict) -> list[str]:
 
 
 def tables(doc: dict) -> dict[str, list[str]]:
+    if "classification" not in doc:  # the ImageNet-segmentation protocol alone
+        return {"ImageNet-segmentation (paper Table 2)": localisation_rows(doc["imagenet_segmentation"])}
     return {"Classification (Table 1 shape)": classification_table(doc),
             "Class heatmaps against the object's silhouette (Table 2 shape)": localisation_table(doc),
             "Concept localisation": concepts_table(doc), "Concept neurons (paper 4.3)": neurons_table(doc),
             "Rules": rules_table(doc),
             "Cost of an explanation": cost_table(doc),
+            **({"ImageNet-segmentation (paper Table 2)": localisation_rows(doc["imagenet_segmentation"])}
+               if "imagenet_segmentation" in doc else {}),
             "Generalisation: test split vs shifted split": generalisation_table(doc),
             "Class heatmaps on the shifted split (Table 2 shape)": shifted_localisation_table(doc)}
 
@@ -242,7 +246,10 @@ def gallery_figure(doc: dict, dataset, path: Path) -> Path | None:
 def write(doc: dict, out: Path, dataset=None) -> dict[str, Path]:
     """``eval.json`` (without the example arrays: the figure shows them) and the figures under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    lean = {**doc, "localisation": {k: v for k, v in doc["localisation"].items() if k != "_examples"}}
+    lean = {**doc, **({"localisation": {k: v for k, v in doc["localisation"].items() if k != "_examples"}}
+                       if "localisation" in doc else {})}
+    if "imagenet_segmentation" in doc:
+        lean["imagenet_segmentation"] = {k: v for k, v in doc["imagenet_segmentation"].items() if k != "_examples"}
     if "localisation" in doc.get("generalisation", {}):
         g = doc["generalisation"]
         lean["generalisation"] = {**g, "localisation": {k: v for k, v in g["localisation"].items() if k != "_examples"}}
@@ -250,7 +257,7 @@ def write(doc: dict, out: Path, dataset=None) -> dict[str, Path]:
         lean["concept_neurons"] = {k: v for k, v in doc["concept_neurons"].items() if k != "_gallery"}
     paths = {"json": out / "eval.json"}
     paths["json"].write_text(json.dumps(json.loads(json.dumps(lean, default=_jsonable)), indent=1) + "\n")
-    fig = localisation_figure(doc, out / "localisation.png")
+    fig = localisation_figure(doc, out / "localisation.png") if "localisation" in doc else None
     if fig is not None:
         paths["localisation"] = fig
     if doc.get("rules", {}).get("terms"):
