@@ -68,6 +68,7 @@ class _WithMasks(torch.utils.data.Dataset):
         self.split = split
         h, w = split.input_size
         self.size = (max(1, h // 4), max(1, w // 4))
+        self._masks: dict[int, torch.Tensor] = {}  # read once: every epoch needs them (1600 x 19 x 28 x 28 bits)
 
     def __len__(self) -> int:
         return len(self.split)
@@ -76,7 +77,9 @@ class _WithMasks(torch.utils.data.Dataset):
         from .data.folder import resize_masks_nearest
 
         image, label = self.split[i]
-        return image, label, torch.from_numpy(resize_masks_nearest(self.split.load_masks(i), self.size))
+        if i not in self._masks:
+            self._masks[i] = torch.from_numpy(resize_masks_nearest(self.split.load_masks(i), self.size))
+        return image, label, self._masks[i]
 
 
 def augment(x: torch.Tensor, generator: torch.Generator, pad: int) -> torch.Tensor:
