@@ -101,7 +101,10 @@ class SalfConfig:
     seed: int = 0
     backbone: BackboneSpec = field(default_factory=BackboneSpec)
     grid: tuple[int, int] = (7, 7)
-    grid_placement: str = "stride"  # where the prompts' centres sit (salf/contract/grid.py): stride | cells
+    # Where the prompts' centres sit (salf/contract/grid.py): "cells" (the grid cells' centres, where the
+    # bottleneck's resize samples) localised better than the paper's "stride" on every measure of
+    # `make bench-quality` (docs/results.md, "Grid placement"), so it is the default; "stride" stays.
+    grid_placement: str = "cells"
     radius: int = 32
     pooling: str = "avg"
     device: str = "auto"  # "auto": CUDA when available, else CPU

@@ -42,17 +42,18 @@ class Explanation:
 
 def explain_maps(maps: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor,
                  concepts: list[str], classes: list[str], input_size: tuple[int, int], k: int = 3,
-                 target: int | None = None) -> Explanation:
+                 target: int | None = None, placement: str = "stride") -> Explanation:
     """Explain one image from its outputs: ``maps [M, Gh, Gw]``, ``scores [M]``, ``logits [L]``, head
     ``weight [L, M]``. ``target``: class to explain (default: the predicted one). The top-``k`` concepts
-    with a non-zero weight for the class, by absolute contribution (strong negative evidence shows too)."""
+    with a non-zero weight for the class, by absolute contribution (strong negative evidence shows too).
+    ``placement``: the grid's (salf/contract/grid.py), for the pixel each cell is reported at."""
     maps, scores, logits, weight = (t.detach().cpu().numpy() for t in (maps, scores, logits, weight))
     label = int(logits.argmax()) if target is None else int(target)
     if not 0 <= label < len(classes):
         raise ValueError(f"class index {label} out of range for {len(classes)} classes")
     contrib = math.contributions(weight, scores, label)
     gh, gw = maps.shape[-2:]
-    points = grid_points(tuple(input_size), (gh, gw))
+    points = grid_points(tuple(input_size), (gh, gw), placement)
     top = []
     for m in math.top_contributors(weight, scores, label, k):
         cell = int(np.argmax(maps[m]))

@@ -452,7 +452,8 @@ def _report(ctx: Context, ev, head, info: dict, test, metrics: dict) -> TrainRep
 
     ex = ev.example
     explanation = explain_maps(ex["maps"], ex["scores"], ex["logits"], head.weight, info["concepts"], test.classes,
-                               ctx.cfg.backbone.input_size, k=3)
+                               ctx.cfg.backbone.input_size, k=3,
+                               placement=(info.get("similarity") or {}).get("grid_placement", "stride"))
     return TrainReport(bundle=ctx.run.bundle, metrics=metrics, dropped_concepts=info["dropped"],
                        explanation=explanation, explained_image=str(test.paths[ex["index"]]),
                        true_class=test.classes[ex["label"]], timings_s=dict(ctx.timings), config=ctx.cfg.to_dict())
