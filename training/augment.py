@@ -79,10 +79,13 @@ def warp_view(image: np.ndarray, masks: np.ndarray | None, theta: np.ndarray, fi
     t = torch.from_numpy(theta[None]).float()
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float() - fill
     out = (warp(x, t)[0] + fill).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    if masks is None:
-        return out, None
-    m = warp(torch.from_numpy(masks)[None].float(), t, mode="nearest")[0] > 0.5
-    return out, m.numpy()
+    return out, (None if masks is None else warp_masks(masks, theta))
+
+
+def warp_masks(masks: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Bool masks ``[M, H, W]`` through ``theta`` ``[2, 3]`` (nearest; outside the source: False)."""
+    t = torch.from_numpy(theta[None]).float()
+    return (warp(torch.from_numpy(masks)[None].float(), t, mode="nearest")[0] > 0.5).numpy()
 
 
 class AugmentedViews(torch.utils.data.Dataset):
@@ -143,11 +146,7 @@ class AugmentedViews(torch.utils.data.Dataset):
     def load_masks(self, k: int) -> np.ndarray:
         masks = self.split.load_masks(self.source_index(k))
         theta = self.theta(k)
-        if theta is None:
-            return masks
-        # the image is only needed for its size here; warp the masks alone
-        t = torch.from_numpy(theta[None]).float()
-        return (warp(torch.from_numpy(masks)[None].float(), t, mode="nearest")[0] > 0.5).numpy()
+        return masks if theta is None else warp_masks(masks, theta)
 
 
-__all__ = ["AffineRange", "AugmentedViews", "draw_theta", "warp", "warp_batch", "warp_view"]
+__all__ = ["AffineRange", "AugmentedViews", "draw_theta", "warp", "warp_batch", "warp_masks", "warp_view"]

@@ -423,6 +423,14 @@ def _per_image(model, classifier: StandardClassifier, dataset, indices: list[int
     return {k: np.asarray(v) for k, v in out.items()}
 
 
+def _split_summary(records: dict) -> dict:
+    """Accuracy, pointing, object share and the size breakdown of :func:`_per_image` records."""
+    return {"images": int(len(records["salf"])), "salf_accuracy": float(records["salf"].mean()),
+            "standard_accuracy": float(records["standard"].mean()),
+            "salf_pointing": float(records["pointing"].mean()), "by_object_size": _buckets(records),
+            "foreground_share": float(records["share"].mean())}
+
+
 def _buckets(records: dict) -> dict:
     rows = {}
     for lo, hi, name in SIZE_BUCKETS:
@@ -493,10 +501,7 @@ def generalisation(model, classifier: StandardClassifier, data: str | Path, size
     shifted = ImageFolderSplit(root, "shifted", size)
     chosen = sample(shifted, limit, seed)
     records = _per_image(model, classifier, shifted, chosen)
-    out = {"images": len(chosen), "salf_accuracy": float(records["salf"].mean()),
-           "standard_accuracy": float(records["standard"].mean()),
-           "salf_pointing": float(records["pointing"].mean()), "by_object_size": _buckets(records),
-           "foreground_share": float(records["share"].mean())}
+    out = _split_summary(records)
     out["localisation"] = localisation(model, classifier, shifted, chosen, baselines, seed=seed, keep_examples=0,
                                        faithfulness=faithfulness, class_concepts=class_concepts)
     out["concepts_localisation"] = concept_localisation(model, concepts, shifted, chosen)
@@ -634,8 +639,5 @@ def run_eval(bundle: str | Path, data: str | Path, limit: int | None = None, bas
     if "skipped" not in doc["generalisation"]:
         # the in-distribution figures the shifted ones sit beside (the same definitions, on the test split)
         records = _per_image(model, classifier, test, chosen)
-        doc["generalisation"]["in_distribution"] = {
-            "images": len(chosen), "salf_accuracy": float(records["salf"].mean()),
-            "standard_accuracy": float(records["standard"].mean()), "salf_pointing": float(records["pointing"].mean()),
-            "by_object_size": _buckets(records), "foreground_share": float(records["share"].mean())}
+        doc["generalisation"]["in_distribution"] = _split_summary(records)
     return doc
