@@ -5,9 +5,12 @@ from clients.client import SalfClient
 with SalfClient.connect("localhost:50051", timeout=10) as c:     # checks health and the model first
     r = c.explain(open("cat.jpg", "rb").read(), top_k=3)
     c.explain_region(mask_png=open("roi.png", "rb").read(), explanation_id=r.explanation_id)
-with SalfClient.local("model_repository") as c:                   # gateway in this process
+from clients.local import local_client
+with local_client("model_repository") as c:                       # gateway in this process
     print(c.info.classes)
 ```
+This module imports only grpc and ``salf`` (the generated API): a production caller needs neither the
+gateway nor torch. The in-process gateway lives in ``clients/local.py``, which needs the serving extra.
 Responses are the generated protobuf messages (``salf/v1/gateway.proto`` documents every field).
 """
 from __future__ import annotations
@@ -56,20 +59,9 @@ class SalfClient:
     def connect(cls, url: str, timeout: float = 30.0, token: str | None = None,
                 ca_cert: str | Path | None = None, tls: bool = False) -> "SalfClient":
         """A client whose gateway answered health and GetModelInfo (with a ready backend)."""
-        return cls(url, timeout, token, ca_cert, tls)._checked()
+        return cls(url, timeout, token, ca_cert, tls).checked()
 
-    @classmethod
-    def local(cls, model_repository: str | Path, timeout: float = 30.0, triton_url: str | None = None) -> "SalfClient":
-        """Start a gateway in this process on a free loopback port (no metrics) and connect to it."""
-        try:
-            from serving.server import GatewayServer, ServeConfig
-        except ImportError as exc:
-            raise GatewayUnavailable(f"running without --url needs the serving extra (pip install '.[serve]'): {exc}") from exc
-        server = GatewayServer(ServeConfig(model_repository=Path(model_repository), triton_url=triton_url,
-                                           host="127.0.0.1", port=0, metrics_port=None, max_in_flight=8)).start()
-        return cls(f"127.0.0.1:{server.port}", timeout, _server=server)._checked()
-
-    def _checked(self) -> "SalfClient":
+    def checked(self) -> "SalfClient":
         """``self`` after :meth:`check`; closed (and its in-process gateway stopped) if the check fails."""
         try:
             self.check()
@@ -100,7 +92,7 @@ class SalfClient:
 
     @property
     def in_process(self) -> bool:
-        """True when this client started its own gateway (:meth:`local`)."""
+        """True when this client owns an in-process gateway (``clients.local.local_client``)."""
         return self._server is not None
 
     def close(self) -> None:

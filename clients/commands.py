@@ -4,7 +4,7 @@ intervene, rules, info.
 With ``-u/--url`` they talk to a gateway; without, they start one in this process on a local
 ``--model-repository``. Before sending anything they check the gateway's health, metadata and backend
 readiness (STYLE 9). Every command takes the same path: connect -> one request per input -> a row per
-result -> tables or JSON Lines -> exit code (clients/cli.py: 0 ok, 1 a request failed, 2 usage,
+result -> tables or JSON Lines -> exit code (salf/cli.py: 0 ok, 1 a request failed, 2 usage,
 3 unreachable).
 
 JSON rows are the response messages in protobuf's JSON mapping with the proto field names
@@ -21,7 +21,7 @@ from typing import Annotated, Callable, List, Optional
 
 import typer
 
-from .cli import (DEFAULT_REPO, DEFAULT_TIMEOUT, EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, CaCert, CliError, Json,
+from salf.cli import (DEFAULT_REPO, DEFAULT_TIMEOUT, EXIT_FAILED, EXIT_UNREACHABLE, EXIT_USAGE, CaCert, CliError, Json,
                   Repo, Timeout, Token, TopK, Url, command)
 
 COMMANDS = ("predict", "explain", "explain-region", "intervene", "rules", "info", "monitor")
@@ -50,11 +50,12 @@ def _connect(url, model_repository, timeout, token, ca_cert):
     import grpc
 
     from .client import GatewayUnavailable, SalfClient
+    from .local import local_client
 
     try:
         if url:
             return SalfClient.connect(url, timeout=timeout, token=token, ca_cert=ca_cert)
-        return SalfClient.local(model_repository, timeout=timeout)
+        return local_client(model_repository, timeout=timeout)
     except GatewayUnavailable as exc:
         raise CliError(str(exc), EXIT_UNREACHABLE) from exc
     except grpc.RpcError as exc:
@@ -367,7 +368,7 @@ def explain(images: Images, roi: Roi = None, box: Box = None, point: Points = No
     maps), frames sent to the gateway a few at a time; with --out and --concept, an annotated video per
     concept (its heatmap on one colour scale over the whole video).
     """
-    from .figure import SCALES
+    from salf.figures import SCALES
     from .video import VIDEO_SUFFIXES, is_video
 
     images = _resumable(expand_inputs(images, IMAGE_SUFFIXES + VIDEO_SUFFIXES), output, resume, in_flight)
@@ -482,7 +483,8 @@ def _explain_video(client, video: Path, class_name, top_k, tracked: list[str], o
     from PIL import Image
     from tqdm import tqdm
 
-    from . import figure, video as vid
+    from salf import figures as figure
+    from . import video as vid
 
     def explain_frame(rgb):
         buf = io.BytesIO()
@@ -544,7 +546,7 @@ def _explain_row(client, image: Path, data: bytes, r, region, top_k, out: Option
 
     from salf.contract.images import load_rgb
 
-    from . import figure
+    from salf import figures as figure
 
     row = message_dict(r)
     grid = (r.grid_height, r.grid_width)
@@ -678,7 +680,7 @@ def rules(class_name: Optional[str] = typer.Option(None, "--class", help="Only t
             raise CliError(f"{exc.code().name}: {exc.details()}", EXIT_FAILED) from exc
         rows = [{"class": rule.class_name, **message_dict(rule)} for rule in response.rules]
         if plot is not None:
-            from .figure import rules_figure
+            from salf.figures import rules_figure
 
             plot.parent.mkdir(parents=True, exist_ok=True)
             shown = min(len(rows), max_classes)

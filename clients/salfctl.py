@@ -1,15 +1,15 @@
 """`salfctl`: one CLI for train / export / serve / predict / explain / intervene / rules.
 
 Each part owns its commands (``training/cli.py``, ``export/cli.py``, ``serving/cli.py``,
-``clients/commands.py``) and registers them with ``clients.cli.command``; the conventions they share
-(exit codes, options, the error boundary, logging) are in ``clients/cli.py``. Command modules import
+``clients/commands.py``) and registers them with ``salf.cli.command``; the conventions they share
+(exit codes, options, the error boundary, logging) are in ``salf/cli.py``. Command modules import
 their heavy dependencies (torch, onnx, onnxruntime) inside the commands, so client commands start fast
 and without torch.
 """
 import typer
 
 from clients import commands as client_commands
-from clients.cli import configure_logging
+from salf.cli import configure_logging
 from clients.ui import cli as ui_cli
 from export import cli as export_cli
 from serving import cli as serving_cli
@@ -28,7 +28,7 @@ app = typer.Typer(help="SALF-CBM: train, export, serve and query spatially-aware
 def root(ctx: typer.Context,
          verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-vv: libraries too)."),
          quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings and errors only.")) -> None:
-    """Logging is configured here, once for every command (clients/cli.py)."""
+    """Logging is configured here, once for every command (salf/cli.py)."""
     configure_logging(verbose - int(quiet), quiet_default=ctx.invoked_subcommand in RESULT_COMMANDS)
 
 

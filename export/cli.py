@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from clients.cli import EXIT_FAILED, EXIT_USAGE, command, fail
+from salf.cli import EXIT_FAILED, EXIT_USAGE, command, fail
 
 log = logging.getLogger(__name__)
 

@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prepare-only", action="store_true", help="only install the python-backend stub")
     args = parser.parse_args(argv)
     # Its own logging set-up: `make triton-env` runs this file as a script in .venv-triton, where the
-    # project's packages (clients.cli, the salfctl convention) are not importable. Under salfctl the
+    # project's packages (salf.cli, the salfctl convention) are not importable. Under salfctl the
     # root logger already has its handler and this call does nothing.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from clients.cli import EXIT_USAGE, Repo, Token, command, configure_logging, fail
+from salf.cli import EXIT_USAGE, Repo, Token, command, configure_logging, fail
 
 log = logging.getLogger(__name__)
 

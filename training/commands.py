@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from clients.cli import EXIT_USAGE, Quiet as QuietOpt, command, configure_logging
+from salf.cli import EXIT_USAGE, Quiet as QuietOpt, command, configure_logging
 
 CONFIG_HELP = "Preset name from training/configs (e.g. tiny-cpu) or a path to a JSON config."
 DATA_HELP = "Dataset root (ImageFolder layout, docs/DESIGN.md); overrides the config's \"data\"."

@@ -2,7 +2,7 @@
 bars, and checksummed atomic writes of JSON and tensors (built on ``salf.contract.files``, the
 implementation export and serving use too).
 
-Logging is configured once, by ``salfctl``'s root command (``clients/cli.py``); library code only
+Logging is configured once, by ``salfctl``'s root command (``salf/cli.py``); library code only
 logs through ``logging.getLogger(__name__)``.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ..cli import DEFAULT_REPO, DEFAULT_TIMEOUT, EXIT_USAGE, CaCert, CliError, Repo, Timeout, Token, Url, command
+from salf.cli import DEFAULT_REPO, DEFAULT_TIMEOUT, EXIT_USAGE, CaCert, CliError, Repo, Timeout, Token, Url, command
 
 
 def ui(images: Optional[Path] = typer.Option(None, "--images", exists=True, file_okay=False,

@@ -273,7 +273,7 @@ class Explorer:
                scale: str = "common") -> bytes:
         """The composed figure (clients/figure.py, as `salfctl explain --out` draws it) of the shown
         concepts for the explained class, with the region outlined."""
-        from .. import figure
+        from salf import figures as figure
 
         img = self.image(key)
         mask = self.region(img, region)[1] if region else None

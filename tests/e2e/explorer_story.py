@@ -111,10 +111,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     args = parser.parse_args(argv)
 
-    from clients.client import SalfClient
+    from clients.local import local_client
     from tests.fixtures.browser import start_salfctl_ui
 
-    with SalfClient.local(args.repo) as client:
+    with local_client(args.repo) as client:
         story = find_story(client, args.data)
     if story is None:
         print("no misclassified test image flips with beta = 1 on one of its class's concepts", file=sys.stderr)

@@ -88,7 +88,7 @@ def test_explain_roi_writes_one_figure_with_the_grid_maps_in_the_json(gateway, f
     np.testing.assert_allclose(npz["grid_maps"][0].ravel(), row["concepts"][0]["grid_map"], rtol=1e-6)
     # one figure per image: the image panel (region outlined in red) and one panel per concept
     figure = np.asarray(Image.open(row["figure"]).convert("RGB"))
-    from clients.figure import PAD, PANEL, display_size
+    from salf.figures import PAD, PANEL, display_size
 
     dh, dw = display_size((84, 112))
     assert dw == PANEL and figure.shape[1] >= PAD + (1 + len(row["concepts"])) * (dw + PAD)

@@ -1,4 +1,4 @@
-"""The salfctl convention (clients/cli.py): one error boundary, one set of option names, logging once."""
+"""The salfctl convention (salf/cli.py): one error boundary, one set of option names, logging once."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from clients import cli
+from salf import cli
 from clients.salfctl import app
 
 runner = CliRunner()

@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args(argv)
-    from clients.cli import configure_logging
+    from salf.cli import configure_logging
 
     configure_logging(-1)
     grid = tuple(int(v) for v in args.grid.lower().split("x"))

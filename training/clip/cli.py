@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from clients.cli import EXIT_USAGE, Verbose, command, configure_logging, fail
+from salf.cli import EXIT_USAGE, Verbose, command, configure_logging, fail
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from clients.cli import EXIT_USAGE, command
+from salf.cli import EXIT_USAGE, command
 
 
 def synth(

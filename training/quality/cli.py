@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from clients.cli import command
+from salf.cli import command
 from training.commands import training_errors
 
 

@@ -261,7 +261,7 @@ def write(doc: dict, out: Path, dataset=None) -> dict[str, Path]:
     if fig is not None:
         paths["localisation"] = fig
     if doc.get("rules", {}).get("terms"):
-        from clients.figure import rules_figure  # the plot of `salfctl rules --plot`, one function for both
+        from salf.figures import rules_figure  # the plot of `salfctl rules --plot`, one function for both
 
         rules = list(doc["rules"]["terms"].items())
         rules_figure(rules, f"decision rules: {len(rules)} classes", len(rules)).save(out / "rules.png")

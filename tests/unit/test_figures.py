@@ -1,8 +1,10 @@
-"""Composed explanation figures (clients/figure.py): layout, the common scale, the region outline."""
+"""salf/figures.py: the jet colormap, region outlines, composed explanation figures (layout, the common
+scale, the region outline)."""
 import numpy as np
 import pytest
 
-from clients.figure import PAD, Panel, compose, display_size
+from salf import figures
+from salf.figures import PAD, Panel, compose, display_size
 
 
 def _panel_means(fig, n, size):
@@ -41,7 +43,7 @@ def test_unknown_scale_is_refused():
 
 
 def test_rules_figure_draws_signed_weighted_flows():
-    from clients.figure import rules_figure
+    from salf.figures import rules_figure
 
     fig = np.asarray(rules_figure([("cat", [("whiskers", 2.0), ("wheels", -0.5)]), ("car", [("wheels", 1.0)])]))
     green = (fig[..., 1] > 120) & (fig[..., 0] < 80) & (fig[..., 2] < 100)
@@ -64,3 +66,19 @@ def test_rules_plot_from_salfctl_and_no_silent_overwrite(tmp_path):
     assert plot.is_file() and "wrote" in r.stderr
     r = CliRunner().invoke(app, ["rules", "-m", str(repo), "--plot", str(plot)])
     assert r.exit_code == 2 and "already exists" in r.stderr
+
+
+def test_jet_endpoints_and_middle():
+    np.testing.assert_array_equal(figures.jet(np.array([[0.0, 0.5, 1.0]]))[0],
+                                  [[0, 0, 128], [128, 255, 128], [128, 0, 0]])
+    assert figures.jet(np.array([[-3.0, 7.0]])).tolist() == figures.jet(np.array([[0.0, 1.0]])).tolist()
+
+
+def test_outline_is_the_border_band():
+    mask = np.zeros((10, 10), bool)
+    mask[2:8, 2:8] = True
+    ring = figures.outline(mask, width=1)
+    assert ring.sum() == 6 * 4 - 4 and not ring[4, 4] and ring[2, 5]
+    assert figures.outline(mask, width=2).sum() == 36 - 4
+    drawn = figures.draw_outline(np.zeros((10, 10, 3), np.uint8), mask, (255, 0, 0), width=1)
+    assert (drawn[ring] == [255, 0, 0]).all() and (drawn[~ring] == 0).all()

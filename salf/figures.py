@@ -1,5 +1,10 @@
-"""Composed explanation figures: the image, its top-k concept heatmaps titled with concept and
-contribution, a shared colour bar, the region outlined (Pillow only).
+"""Drawings of explanations, shared by every part that draws one (Pillow and numpy only): the composed
+explanation figure (`salfctl explain --out`, the explorer's download), the decision-rules plot (`salfctl
+rules --plot`, the evaluation report), annotated video frames, and their pieces (the jet colormap, a
+region's outline).
+
+On the ground floor, beside ``salf.contract``, so the clients and the training package's evaluation
+report import the same functions without one part importing the other.
 
 Heatmaps are drawn from the *grid* maps the gateway returns (``ConceptContribution.grid_map``),
 upsampled bilinearly (``align_corners=False``, the gateway's own convention, ``salf.contract.explain``)
@@ -18,13 +23,34 @@ from PIL import Image, ImageDraw, ImageFont
 
 from salf.contract.explain import upsample
 
-from .render import draw_outline, jet
-
 SCALES = ("common", "per-map")
 PANEL = 256  # longer side of each panel, pixels
 PAD = 8
 TITLE_H = 34
 BAR_H = 14
+
+
+def jet(x: np.ndarray) -> np.ndarray:
+    """The jet colormap: values ``[h, w]`` in [0, 1] -> uint8 RGB ``[h, w, 3]`` (0 blue, 0.5 green, 1 red)."""
+    x = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
+    rgb = np.stack([np.clip(1.5 - np.abs(4.0 * x - c), 0.0, 1.0) for c in (3.0, 2.0, 1.0)], axis=-1)
+    return np.round(rgb * 255.0).astype(np.uint8)
+
+
+def outline(mask: np.ndarray, width: int = 2) -> np.ndarray:
+    """Bool ``[h, w]``: the pixels of ``mask`` within ``width`` pixels of its border (4-neighbourhood)."""
+    inner = mask.copy()
+    for _ in range(width):
+        padded = np.pad(inner, 1, constant_values=False)
+        inner = inner & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+def draw_outline(image: np.ndarray, mask: np.ndarray, colour=(255, 255, 255), width: int = 2) -> np.ndarray:
+    """``image`` ``[h, w, 3]`` uint8 with the ROI ``mask``'s outline painted in ``colour``."""
+    out = image.copy()
+    out[outline(mask, width)] = colour
+    return out
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
 """The `salfctl` conventions, declared once for every part's commands.
 
+On the ground floor (beside ``salf.contract``) because every stage's CLI uses them: training, export,
+serving and the client commands import this module, and it imports only the standard library and typer.
+`clients/salfctl.py` assembles the app.
+
 - **Exit codes**: 0 success; 1 a request or an export failed; 2 bad command line, input or
   configuration; 3 the gateway (or its backend) is unreachable or not ready.
 - **Errors**: every command is registered with :func:`command`, whose wrapper is the one error boundary:
