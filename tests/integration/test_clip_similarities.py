@@ -14,7 +14,8 @@ import pytest
 from tests.fixtures.gateway import free_port
 import torch
 
-from training.clip.similarities import CacheError, compute_prompt_embeddings, shard_file
+from training.clip.shards import CacheError, shard_file
+from training.clip.similarities import compute_prompt_embeddings
 from training.clip.source import ClipSimilarity, EmbeddingCache
 from training.data.folder import ImageFolderSplit
 

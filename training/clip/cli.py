@@ -23,7 +23,7 @@ def clip_errors() -> dict[type, int]:
 
     from .concepts import ConceptGenerationError
     from .encode import ClipWeightsNotFoundError
-    from .similarities import CacheError
+    from .shards import CacheError
 
     return {kind: EXIT_USAGE for kind in (ClipWeightsNotFoundError, ConceptGenerationError, DatasetError, CacheError,
                                           FileNotFoundError, ValueError)}

@@ -22,8 +22,8 @@ from training.runtime import atomic_write_bytes, atomic_write_json, atomic_write
 
 from .concepts import FilterResult, FilterSettings, filter_concepts
 from .encode import ClipEncoder, load_clip
-
-from .similarities import compute_prompt_embeddings, default_workers, image_batches, images_digest
+from .shards import images_digest
+from .similarities import compute_prompt_embeddings, default_workers, image_batches
 from .source import ClipSimilarity, EmbeddingCache
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import torch
 
 from training.runtime import ChecksumError, read_verified
 
-from .similarities import EMBEDDINGS_KEY, FORMAT_VERSION, MANIFEST, CacheError, CacheSpec, shard_ranges
+from .shards import EMBEDDINGS_KEY, FORMAT_VERSION, MANIFEST, CacheError, CacheSpec, shard_ranges
 
 log = logging.getLogger(__name__)
 
