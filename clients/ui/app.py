@@ -1,4 +1,4 @@
-"""The explorer's HTTP layer (standard library only): one page, its script and style, and a small JSON
+"""The explorer's HTTP layer (standard library only): one page, its scripts (ES modules) and style, and a small JSON
 API that forwards to :class:`clients.ui.session.Explorer`.
 
 Who may talk to it. Binding to loopback is not enough: any page open in the same browser can send
@@ -23,6 +23,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import secrets
 import threading
 from http.cookies import SimpleCookie
@@ -38,8 +39,10 @@ from .session import Explorer, UnknownImage, UserError, rpc_error
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024 * 1024  # an image upload (the gateway's own message cap)
-STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8",
-          "index.html": "text/html; charset=utf-8"}
+# the page's files, by suffix: modules must come with a JavaScript type (the browser refuses others, nosniff)
+STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
+                ".html": "text/html; charset=utf-8"}
+_STATIC_PART = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")  # no "..", ".", "%", "\\" nor empty parts
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
                                "connect-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'",
@@ -102,8 +105,23 @@ def secret_matches(given: str | None, secret: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), secret.encode())
 
 
-def static_file(name: str) -> bytes:
-    return resources.files("clients.ui").joinpath("static", name).read_bytes()
+def static_name(rest: str) -> str | None:
+    """The file under ``static/`` that the URL path after ``/static/`` names (``"js/geometry.js"``), or
+    None: every part a plain name (so nothing outside ``static/``, encoded or not), a known suffix."""
+    parts = rest.split("/")
+    if not all(_STATIC_PART.fullmatch(p) for p in parts) or Path(parts[-1]).suffix not in STATIC_TYPES:
+        return None
+    return "/".join(parts)
+
+
+def static_file(name: str) -> bytes | None:
+    """The bytes of ``static/<name>`` (a :func:`static_name`), or None when there is no such file (or it
+    resolves outside ``static/``, as a link could)."""
+    root = resources.files("clients.ui").joinpath("static")
+    file = root.joinpath(*name.split("/"))
+    if isinstance(root, Path) and not Path(file).resolve().is_relative_to(root.resolve()):
+        return None
+    return file.read_bytes() if file.is_file() else None
 
 
 # ------------------------------------------------------------------ the server
@@ -263,14 +281,17 @@ def page(h: Handler, path, query, body) -> None:
     given = _one(query, "secret")
     if secret_matches(given, h.server.secret):
         extra["Set-Cookie"] = f"{h.server.cookie_name}={h.server.secret}; HttpOnly; SameSite=Strict; Path=/"
-    h._send(200, static_file("index.html"), STATIC["index.html"], extra)
+    h._send(200, static_file("index.html"), STATIC_TYPES[".html"], extra)
 
 
 def static(h: Handler, path, query, body) -> None:
-    name = path.rsplit("/", 1)[-1]
-    if name not in STATIC:
-        raise UserError(f"no static file {name!r}")
-    h._send(200, static_file(name), STATIC[name])
+    rest = path[len("/static/"):]
+    name = static_name(rest)
+    data = static_file(name) if name else None
+    if data is None:
+        h._error(404, "NOT_FOUND", f"no static file {rest!r}")
+        return
+    h._send(200, data, STATIC_TYPES[Path(name).suffix])
 
 
 def info(h: Handler, path, query, body) -> None:
@@ -345,7 +366,7 @@ PREFIXES = {("GET", "/static/"): static, ("GET", "/api/image/"): image_png, ("GE
 
 
 def _prefixed(method: str, path: str):
-    for (m, prefix), route in PREFIXES.items():
-        if m == method and path.startswith(prefix) and "/" not in path[len(prefix):]:
+    for (m, prefix), route in PREFIXES.items():  # only static/ has subfolders (js/)
+        if m == method and path.startswith(prefix) and (route is static or "/" not in path[len(prefix):]):
             return route
     return None

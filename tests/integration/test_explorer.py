@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.fixtures.browser import start_salfctl_ui, until as _until
+from tests.fixtures.browser import page_errors, start_salfctl_ui, static_scripts, until as _until
 from tests.fixtures.gateway import free_port, wait_for_health
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -101,10 +101,15 @@ def _rows(page, table: str) -> list[dict]:
 
 def test_explorer_region_and_intervention_match_the_gateway(browser_page, gateway_url, client, synth_data, tmp_path):
     page = browser_page
+    errors, scripts = page_errors(page), static_scripts(page)
     ui = start_salfctl_ui(tmp_path / "ui.log", ["-u", gateway_url, "--images", str(synth_data / "test")])
     try:
         _open_page(page, ui.url)
         assert "in-process" not in page.text_content("#model-info")
+        # the page's ES modules: every one under static/ loaded, each as JavaScript
+        static = ROOT / "clients" / "ui" / "static"
+        assert set(scripts) == {f"/static/{p.relative_to(static).as_posix()}" for p in static.rglob("*.js")}, scripts
+        assert all(t == "text/javascript; charset=utf-8" for t in scripts.values()), scripts
         image = _test_image(synth_data)
         _load(page, image)
         w, h = Image.open(image).size
@@ -212,6 +217,7 @@ def test_explorer_region_and_intervention_match_the_gateway(browser_page, gatewa
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOT), full_page=True)
         assert Image.open(SCREENSHOT).width >= 1000
+        assert errors == [], errors  # nothing failed in the page: no console error, no uncaught exception
     finally:
         ui.stop()
     assert "Traceback" not in ui.log(), ui.log()

@@ -193,3 +193,34 @@ def test_security_headers(explorer):
     r.read()
     assert r.status == 403 and r.getheader("Access-Control-Allow-Origin") is None
     conn.close()
+
+
+def test_static_modules_have_a_javascript_type_and_nothing_outside_static_is_served(explorer):
+    from pathlib import Path
+
+    import clients.ui.app as app_module
+
+    static = Path(app_module.__file__).parent / "static"
+    modules = sorted(p.relative_to(static).as_posix() for p in static.rglob("*.js"))
+    assert "app.js" in modules and "js/geometry.js" in modules
+    conn = HTTPConnection("127.0.0.1", explorer.port, timeout=10)
+
+    def get(path):
+        conn.request("GET", path, headers={"X-Salf-Secret": SECRET})
+        r = conn.getresponse()
+        return r.status, r.getheader("Content-Type"), r.read()
+
+    for name in modules:
+        status, kind, body = get(f"/static/{name}")
+        assert status == 200 and kind == "text/javascript; charset=utf-8", (name, status, kind)
+        assert body == (static / name).read_bytes()
+    assert get("/static/app.css")[:2] == (200, "text/css; charset=utf-8")
+    secret_source = (static.parent / "app.py").read_bytes()
+    for path in ["/static/../app.py", "/static/js/../../app.py", "/static/%2e%2e/app.py", "/static/..%2fapp.py",
+                 "/static/js/..%2f..%2fapp.py", "/static/%2E%2E%2Fapp.py", "/static/..\\app.py", "/static//app.py",
+                 "/static/js/../../../../../../etc/passwd", "/static/app.py", "/static/__init__.py",
+                 "/static/js/nothing.js", "/static/js/", "/static/"]:
+        status, kind, body = get(path)
+        assert status == 404 and kind == "application/json", (path, status)
+        assert json.loads(body)["error"]["code"] == "NOT_FOUND" and secret_source not in body
+    conn.close()

@@ -1,7 +1,14 @@
-"""The explorer's request guards (clients/ui/app.py): Host, Origin, launch secret."""
+"""The explorer's request guards (clients/ui/app.py): Host, Origin, launch secret, and which static files
+may be read."""
+import re
+from pathlib import Path
+
 import pytest
 
-from clients.ui.app import host_allowed, origin_allowed, secret_matches, split_host
+from clients.ui.app import STATIC_TYPES, host_allowed, origin_allowed, secret_matches, split_host, static_file, \
+    static_name
+
+STATIC = Path(__file__).resolve().parents[2] / "clients" / "ui" / "static"
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -63,3 +70,41 @@ def test_secret_matches():
     assert not secret_matches("s3cret-value-123", "s3cret-value-1234")
     assert not secret_matches(None, "s3cret-value-1234")
     assert not secret_matches("", "s3cret-value-1234")
+
+
+@pytest.mark.parametrize("rest", ["app.js", "app.css", "index.html", "js/geometry.js", "js/state.js"])
+def test_static_name_serves_the_page_files(rest):
+    assert static_name(rest) == rest
+    assert static_file(rest) == (STATIC / rest).read_bytes()
+
+
+@pytest.mark.parametrize("rest", [
+    "../app.py", "js/../../app.py", "..", ".", "js/./state.js", "./app.js",
+    "%2e%2e/app.py", "..%2fapp.py", "js/..%2f..%2fapp.py", "%2E%2E%2Fapp.py", "..\\app.py", "js\\..\\..\\app.py",
+    "/etc/passwd", "js//state.js", "", "js/", "app.py", "__init__.py", "app.js.map", "app", ".htaccess", "app.js%00.py",
+])
+def test_static_name_refuses_paths_out_of_static_and_unknown_suffixes(rest):
+    assert static_name(rest) is None
+
+
+def test_static_file_is_none_for_a_missing_file():
+    assert static_name("js/nothing.js") == "js/nothing.js"
+    assert static_file("js/nothing.js") is None
+
+
+def test_every_module_the_page_imports_exists_with_a_known_suffix():
+    """index.html's module and, transitively, every static import: all under static/, all served as .js."""
+    seen, todo = set(), ["app.js"]
+    page = (STATIC / "index.html").read_text()
+    assert '<script type="module" src="/static/app.js"></script>' in page
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        assert static_name(name) == name and STATIC_TYPES[Path(name).suffix].startswith("text/javascript")
+        text = static_file(name).decode()
+        for spec in re.findall(r'^import .* from "([^"]+)";$', text, re.M):
+            assert spec.startswith("./"), spec
+            todo.append((Path(name).parent / spec).as_posix().removeprefix("./"))
+    assert {p.relative_to(STATIC).as_posix() for p in STATIC.rglob("*.js")} == seen  # no module left unloaded
