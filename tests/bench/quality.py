@@ -114,7 +114,7 @@ def render(doc: dict, seconds: float, figures: dict[str, str], command: str) -> 
              "colour (or put back onto it) in 16 steps, area under the curve; each heatmap is judged on the model "
              "it explains (baselines on the standard model, SALF-CBM and the trivial maps on the SALF-CBM).",
              "Generalisation: test split vs shifted split":
-             "The shifted split (`salfctl data synth`, training/data/synth.py): images of other sizes and aspect ratios "
+             "The shifted split (`salfctl data synth`; the world in training/data/world.py and paint.py): images of other sizes and aspect ratios "
              "(short side 80-224 px, width/height 0.6-1.7; squashed to the model's input, as training and serving "
              "do), key objects from 0.08 to 0.40 of the short side (train: 0.13-0.19), backgrounds of kinds the "
              "train split never has; and two-object images. Nothing of it was used in training. The objects' "
@@ -159,7 +159,7 @@ def placement_study(run: Path, data: Path, config: str, limit: int | None) -> di
 
     from training.bundle import read_meta
     from training.config import load_config
-    from training.quality.protocols import run_eval
+    from training.quality.protocols.run import run_eval
 
     meta, _ = read_meta(run / "bundle")
     own = (meta.similarity or {}).get("grid_placement", "stride")
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="tiny-cpu", help="the preset the run was trained with")
     ap.add_argument("--no-placement-study", action="store_true", help="skip retraining with the other placement")
     args = ap.parse_args(argv)
-    from training.quality.protocols import run_eval
+    from training.quality.protocols.run import run_eval
     from training.quality.report import write
 
     t = time.perf_counter()

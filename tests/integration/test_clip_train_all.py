@@ -53,7 +53,7 @@ def test_train_all_with_clip_source(synth_data, tmp_path):
     assert not any(f.name.startswith("P") for f in (run / "similarities").iterdir())
 
     # The class-concept mode (paper 4.2) on the same cache: one prompt per class, no filter drops any.
-    from training.data.synth import CLASS_NAMES
+    from training.data.world import CLASS_NAMES
 
     cfg.similarity.class_concepts = "An image of a {class}"
     source, concepts = build_clip_source(cfg, synth_data, run)

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module")
 def evaluation(trained_run, synth_data):
-    from training.quality.protocols import run_eval
+    from training.quality.protocols.run import run_eval
 
     return run_eval(trained_run / "bundle", synth_data, limit=16,
                     baselines=("GradCAM", "Integrated Gradients", "LRP"), seed=0)
@@ -116,7 +116,7 @@ def test_class_concept_mode_end_to_end(synth_data, tmp_path):
     dropped, the template recorded in the bundle; `salfctl eval` then scores each class concept's own
     map as a heatmap row of its own, and skips the rules (no defining concepts among class prompts)."""
     from tests.fixtures.trained import write_fast_config
-    from training.data.synth import CLASS_NAMES
+    from training.data.world import CLASS_NAMES
 
     config = write_fast_config(tmp_path / "fast.json")
     run = tmp_path / "run"
@@ -149,7 +149,7 @@ def test_imagenet_segmentation_file(trained_run, synth_data, tmp_path):
     baselines explain the SALF-CBM itself), and beside the dataset's protocols with --data."""
     from tests.unit.test_quality_readers import write_gtsegs
     from training.data.folder import ImageFolderSplit
-    from training.quality.protocols import foreground
+    from training.quality.protocols.localisation import foreground
 
     images, masks = [], []
     for split in ("test", "shifted"):

@@ -6,7 +6,7 @@ import torch
 
 from training.augment import AffineRange, AugmentedViews, draw_theta, warp_view
 from training.cbl import carve_validation
-from training.data import synth
+from training.data import world
 from training.data.folder import ImageFolderSplit
 
 
@@ -45,12 +45,12 @@ def test_views_keep_masks_on_their_pixels(synth_data):
     far = []
     for k in range(1, 60, 3):
         image, masks = views.image(k), views.load_masks(k)
-        assert masks.shape == (len(synth.CONCEPTS), 112, 112)
-        for colour, rgb in synth.COLOURS.items():
-            sel = masks[synth.CONCEPT_INDEX[colour]]
+        assert masks.shape == (len(world.CONCEPTS), 112, 112)
+        for colour, rgb in world.COLOURS.items():
+            sel = masks[world.CONCEPT_INDEX[colour]]
             if sel.sum() > 30:  # the colour's mask still lies on that colour's pixels (or its texture tint)
                 pix = image[sel].astype(float).mean(0)
-                dists = {c: np.linalg.norm(pix - (0.8 * np.array(v) + 0.2 * 255)) for c, v in synth.COLOURS.items()}
+                dists = {c: np.linalg.norm(pix - (0.8 * np.array(v) + 0.2 * 255)) for c, v in world.COLOURS.items()}
                 far.append(min(dists, key=dists.get) != colour)
     assert far and np.mean(far) < 0.1
 

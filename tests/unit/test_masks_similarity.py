@@ -122,7 +122,7 @@ def test_concept_subset(synth_data):
 def test_class_concept_mode(synth_data):
     """Paper 4.2's class concepts on masks: concept k is the key object in images of class k, nothing
     elsewhere; the prompts follow the template."""
-    from training.data.synth import CLASS_NAMES, KEY_SHAPES
+    from training.data.world import CLASS_NAMES, KEY_SHAPES
     from training.similarity import class_prompts
 
     src = MaskSimilarity.for_classes("An image of a {class}", KEY_SHAPES, synth_data, "train", (7, 7), 16, (112, 112))

@@ -1,10 +1,10 @@
-"""Deletion/insertion curves (training/quality/protocols.py) on a scorer whose evidence is known."""
+"""Deletion/insertion curves (training/quality/protocols/faithfulness.py) on a scorer whose evidence is known."""
 import numpy as np
 import pytest
 import torch
 
 from training.quality import metrics
-from training.quality.protocols import deletion_insertion
+from training.quality.protocols.faithfulness import deletion_insertion
 
 
 def test_curve_auc_and_order_by_hand():

@@ -1,4 +1,4 @@
-"""`salfctl eval`: the evaluation harness on a trained bundle (training/quality/protocols.py)."""
+"""`salfctl eval`: the evaluation harness on a trained bundle (training/quality/protocols/)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         """Classification (Table 1 shape), class-heatmap localisation against GradCAM & co. and trivial maps
         (Table 2 shape), concept localisation, rules and the cost of an explanation; prints the tables,
         writes OUT/eval.json and OUT/localisation.png."""
-        from .protocols import run_eval
+        from .protocols.run import run_eval
         from .report import tables, write
 
         if not (bundle / "bundle.json").is_file() and (bundle / "bundle" / "bundle.json").is_file():
@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
             doc = run_eval(bundle, data, limit=limit, baselines=tuple(chosen), seed=seed, train_limit=train_limit,
                            imagenet_seg=imagenet_seg)
         else:
-            from .protocols import run_imagenet_segmentation
+            from .protocols.run import run_imagenet_segmentation
 
             doc = run_imagenet_segmentation(bundle, imagenet_seg, limit=limit, baselines=tuple(chosen), seed=seed)
         from training.data.folder import ImageFolderSplit

@@ -1,4 +1,4 @@
-"""Tables (markdown) and figures (PNG) of an evaluation document from :func:`protocols.run_eval`."""
+"""Tables (markdown) and figures (PNG) of an evaluation document from :func:`protocols.run.run_eval`."""
 from __future__ import annotations
 
 import json
@@ -30,7 +30,7 @@ def localisation_table(doc: dict) -> list[str]:
 
 
 def localisation_rows(loc: dict) -> list[str]:
-    """A Table-2-shape markdown table of one :func:`protocols.localisation` result."""
+    """A Table-2-shape markdown table of one :func:`protocols.localisation.localisation` result."""
     if "skipped" in loc:
         return [f"Skipped: {loc['skipped']}."]
     rows = loc["rows"]
@@ -165,7 +165,7 @@ def generalisation_table(doc: dict) -> list[str]:
 
 
 def _size_buckets():
-    from .protocols import SIZE_BUCKETS
+    from .protocols.generalisation import SIZE_BUCKETS
 
     return SIZE_BUCKETS
 
