@@ -1,7 +1,7 @@
 """`salfctl`: one CLI for train / export / serve / predict / explain / intervene / rules.
 
 Each part owns its commands (``training/cli.py``, ``export/cli.py``, ``serving/cli.py``,
-``clients/commands.py``) and registers them with ``salf.cli.command``; the conventions they share
+``clients/commands/``) and registers them with ``salf.cli.command``; the conventions they share
 (exit codes, options, the error boundary, logging) are in ``salf/cli.py``. Command modules import
 their heavy dependencies (torch, onnx, onnxruntime) inside the commands, so client commands start fast
 and without torch.

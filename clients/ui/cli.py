@@ -29,13 +29,13 @@ def ui(images: Optional[Path] = typer.Option(None, "--images", exists=True, file
 
     Prints the page's URL with its per-launch secret and serves until Ctrl-C. The gateway's --token stays
     in this process; the page never sees it."""
-    from ..commands import _connect
+    from ..commands.connect import connect
     from .app import ExplorerServer
     from .session import Explorer
 
     if secret is not None and len(secret) < 16:
         raise CliError("--secret must be at least 16 characters (or leave it out for a random one)", EXIT_USAGE)
-    client = _connect(url, model_repository, timeout, token, ca_cert)
+    client = connect(url, model_repository, timeout, token, ca_cert)
     try:
         try:
             server = ExplorerServer(Explorer(client, images), host, port, secret)

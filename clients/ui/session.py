@@ -32,7 +32,8 @@ from salf.contract.images import decode_image, decode_mask, encode_png
 from salf.contract.regions import box_mask, default_radius, points_mask
 
 from ..client import by_explanation_id
-from ..commands import GEOMETRY_RULE, folder_files, message_dict
+from ..commands.inputs import folder_files
+from ..commands.rows import GEOMETRY_RULE, message_dict
 
 MAX_IMAGES = 64          # images the page opened that stay addressable (least recently used dropped)
 MAX_FOLDER = 5000        # images listed from --images DIR

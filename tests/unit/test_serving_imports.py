@@ -12,6 +12,8 @@ def test_serving_and_clients_do_not_import_torch():
         "for m in pkgutil.iter_modules(serving.__path__):\n"
         "    importlib.import_module('serving.' + m.name)\n"
         "import clients.client, clients.commands, salf.figures, salf.cli\n"
+        "for m in pkgutil.iter_modules(clients.commands.__path__):\n"
+        "    importlib.import_module('clients.commands.' + m.name)\n"
         "bad = sorted(n for n in sys.modules if n == 'torch' or n.startswith('torch.'))\n"
         "assert not bad, bad\n"
         "print('ok', len([n for n in sys.modules if n.startswith('serving.')]))\n"
