@@ -272,7 +272,7 @@ class Explorer:
 
     def figure(self, key: str, class_name: str | None, concepts: list[str], region: dict | None,
                scale: str = "common") -> bytes:
-        """The composed figure (clients/figure.py, as `salfctl explain --out` draws it) of the shown
+        """The composed figure (salf/figures.py, as `salfctl explain --out` draws it) of the shown
         concepts for the explained class, with the region outlined."""
         from salf import figures as figure
 
