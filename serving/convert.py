@@ -1,6 +1,6 @@
 """Protobuf <-> the gateway's domain values, and :class:`GatewayServicer`: protobuf in, a
 :class:`~serving.service.Gateway` call, protobuf out (STYLE 8: convert at the edge). No gRPC server
-code and no error handling here: serving/server.py runs these methods behind its error boundary.
+code and no error handling here: serving/boundary.py runs these methods behind its error boundary.
 """
 from __future__ import annotations
 

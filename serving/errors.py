@@ -1,5 +1,5 @@
 """Domain errors of the gateway. The server's error boundary maps each to one gRPC status code
-(serving/server.py, ``STATUS_OF``); nothing else in serving/ knows about status codes.
+(serving/status.py, ``STATUS_OF``); nothing else in serving/ knows about status codes.
 """
 
 # Input quoted back in an error message is cut to this many characters: a 1 MB concept name must not

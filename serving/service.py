@@ -1,5 +1,5 @@
 """The gateway's domain layer: Predict, Explain, ExplainRegion, Intervene, model info and rules on
-plain Python/numpy values. The gRPC servicer (serving/server.py) only converts protobuf to these
+plain Python/numpy values. The gRPC servicer (serving/convert.py) only converts protobuf to these
 types and back; validation errors are raised here as :class:`InvalidArgument`.
 """
 from __future__ import annotations

@@ -15,13 +15,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 PNG = encode(sample_image(1))
 
 
-@pytest.fixture(scope="module")
-def pb():
-    from salf.v1 import gateway_pb2
-
-    return gateway_pb2
-
-
 def _stub(channel):
     from salf.v1 import gateway_pb2_grpc
 
@@ -93,8 +86,11 @@ def test_triton_backend_gets_the_deadline(triton_server, exported_repo):
     x = np.zeros((1, *spec.input_size, 3), np.uint8)
     try:
         assert backend.infer(x, timeout_s=10.0)[2].shape == (1, 3)
+        # gRPC keeps deadlines in whole milliseconds (1 us becomes 1 ms), and one image of the test model
+        # can come back from Triton within that: a batch of 16 cannot.
+        batch = np.zeros((16, *spec.input_size, 3), np.uint8)
         with pytest.raises(DeadlineExceeded, match="before the request's deadline"):
-            backend.infer(x, timeout_s=1e-6)
+            backend.infer(batch, timeout_s=1e-6)
     finally:
         backend.close()
 

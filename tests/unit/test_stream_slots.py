@@ -1,9 +1,9 @@
-"""serving/server.py Boundary: stream items waiting for an in-flight slot."""
+"""serving/boundary.py Boundary: stream items waiting for an in-flight slot."""
 import asyncio
 import threading
 
+from serving.boundary import Boundary
 from serving.metrics import GatewayMetrics
-from serving.server import Boundary
 
 
 def _run(coro_fn) -> None:
