@@ -16,6 +16,9 @@ ConfigOpt = Annotated[str, typer.Option("--config", "-c", help=CONFIG_HELP)]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", "-d", help=DATA_HELP)]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help=OUT_HELP)]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1 or auto.")]
+PlacementOpt = Annotated[Optional[str], typer.Option(
+    "--grid-placement", help="cells or stride: where the prompting grid's centres sit (overrides the config's "
+                             "grid_placement; `train similarities` records its own, and a mismatch names this flag).")]
 ClassConceptsOpt = Annotated[Optional[str], typer.Option(
     "--class-concepts", help="The paper's zero-shot localisation mode (4.2): one concept per class from this "
                              "template, e.g. 'An image of a {class}' (overrides the config's "
@@ -27,14 +30,15 @@ def training_errors() -> dict[type, int]:
     from .backbones import WeightsNotFoundError
     from .data.folder import DatasetError
     from .features import FeatureCacheError
+    from .clip.shards import CacheError
     from .pipeline import PipelineError
 
     return {kind: EXIT_USAGE for kind in (PipelineError, DatasetError, WeightsNotFoundError, FeatureCacheError,
-                                          FileNotFoundError, ValueError)}
+                                          CacheError, FileNotFoundError, ValueError)}
 
 
 def _run_stage(stage: str, config: str, data: Optional[Path], out: Path, device: Optional[str], quiet: bool,
-               class_concepts: Optional[str] = None):
+               class_concepts: Optional[str] = None, grid_placement: Optional[str] = None):
     """Build the run context and run ``training.pipeline.<stage>``; returns ``(ctx, result)``."""
     from . import pipeline
     from .config import load_config
@@ -49,6 +53,12 @@ def _run_stage(stage: str, config: str, data: Optional[Path], out: Path, device:
 
         class_prompts(class_concepts, ["x"])  # a template without {class} is a usage error, before any work
         cfg.similarity.class_concepts = class_concepts
+    if grid_placement:
+        from salf.contract.grid import PLACEMENTS
+
+        if grid_placement not in PLACEMENTS:
+            raise ValueError(f"--grid-placement must be one of {', '.join(PLACEMENTS)}, got {grid_placement!r}")
+        cfg.grid_placement = grid_placement
     ctx = pipeline.make_context(cfg, data, out, progress=not quiet)
     return ctx, getattr(pipeline, stage)(ctx)
 
@@ -75,24 +85,25 @@ def backbone(config: ConfigOpt, out: OutOpt, data: DataOpt = None, device: Devic
 
 
 def cbl(config: ConfigOpt, out: OutOpt, data: DataOpt = None, device: DeviceOpt = None,
-        quiet: QuietOpt = False, class_concepts: ClassConceptsOpt = None) -> None:
+        quiet: QuietOpt = False, class_concepts: ClassConceptsOpt = None, grid_placement: PlacementOpt = None) -> None:
     """Cache backbone features and train the concept bottleneck layer (with the interpretability cutoff)."""
-    _, result = _run_stage("stage_cbl", config, data, out, device, quiet, class_concepts)
+    _, result = _run_stage("stage_cbl", config, data, out, device, quiet, class_concepts, grid_placement)
     typer.echo(f"cbl: {len(result.kept)}/{len(result.val_similarity)} concepts kept, best epoch "
                f"{result.best_epoch}, dropped {[d['concept'] for d in result.dropped]}")
 
 
 def head(config: ConfigOpt, out: OutOpt, data: DataOpt = None, device: DeviceOpt = None,
          quiet: QuietOpt = False) -> None:
-    """Fit the sparse final layer, write the bundle, evaluate on the test split, write report.json."""
+    """Fit the sparse final layer, write the bundle, evaluate on the test split, write report.json (the grid
+    placement is the CBL's, from cbl/cbl.json)."""
     _, report = _run_stage("stage_head", config, data, out, device, quiet)
     _print_report(report)
 
 
 def all_(config: ConfigOpt, out: OutOpt, data: DataOpt = None, device: DeviceOpt = None,
-         quiet: QuietOpt = False, class_concepts: ClassConceptsOpt = None) -> None:
+         quiet: QuietOpt = False, class_concepts: ClassConceptsOpt = None, grid_placement: PlacementOpt = None) -> None:
     """Everything: backbone (if the preset trains one) -> features -> similarities -> CBL -> head -> bundle -> report."""
-    _, report = _run_stage("run_all", config, data, out, device, quiet, class_concepts)
+    _, report = _run_stage("run_all", config, data, out, device, quiet, class_concepts, grid_placement)
     _print_report(report)
     typer.echo(f"wall time {report.wall_seconds:.0f} s")
 

@@ -22,6 +22,7 @@ from training.data.folder import ImageFolderSplit
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 SALFCTL = [sys.executable, "-c", "from clients.salfctl import main; main()"]
+PLACEMENT = "cells"  # tiny-clip-cpu's grid_placement: what `train similarities` builds the reference cache with
 
 
 def _stage_args(data: Path, out: Path, shard_size: int = 1) -> list[str]:
@@ -88,7 +89,7 @@ def test_truncated_shard_is_detected_and_recomputed(clip_small_data, reference_c
         EmbeddingCache(out).gather([3])
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")}
     paths, names = _names(clip_small_data)
-    compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 16, shard_size=1, batch_size=98)
+    compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 16, shard_size=1, batch_size=98, placement=PLACEMENT)
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")}
     assert [n for n in before if before[n] != after[n]] == [shard_file(3)]  # only the bad shard was redone
     assert _tree_digest(out) == _tree_digest(reference_cache)
@@ -101,15 +102,16 @@ def test_changed_settings_are_refused_without_overwrite(clip_small_data, referen
     shutil.copytree(reference_cache, out)
     paths, names = _names(clip_small_data)
     with pytest.raises(CacheError, match="radius"):
-        compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 12, shard_size=1, batch_size=98)
+        compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 12, shard_size=1, batch_size=98, placement=PLACEMENT)
     # Other shard/batch sizes only: the cache keeps its own and is reused untouched.
-    compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 16, shard_size=5, batch_size=49)
+    compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 16, shard_size=5, batch_size=49, placement=PLACEMENT)
     assert _tree_digest(out) == _tree_digest(reference_cache)
     # A damaged manifest is refused with its path; --overwrite rebuilds with the new settings.
     (out / "manifest.json").write_text("{not json")
     with pytest.raises(CacheError, match="unreadable manifest"):
-        compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 16, shard_size=1, batch_size=98)
-    compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 12, shard_size=8, batch_size=98, overwrite=True)
+        compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 16, shard_size=1, batch_size=98, placement=PLACEMENT)
+    compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 12, shard_size=8, batch_size=98, overwrite=True,
+                              placement=PLACEMENT)
     cache = EmbeddingCache(out)
     assert cache.spec.radius == 12 and len(cache.shards) == 2 and not (out / shard_file(2)).exists()
 
@@ -127,7 +129,7 @@ def test_an_image_replaced_under_the_same_name_is_not_served_from_the_old_cache(
     big = next(p for p in paths if p.stat().st_size != paths[0].stat().st_size)
     shutil.copyfile(big, paths[0])  # another image under image 0's name
     with pytest.raises(CacheError, match="images_sha256"):
-        compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 16, shard_size=1, batch_size=98)
+        compute_prompt_embeddings(paths, names, tiny_clip, out, (7, 7), 16, shard_size=1, batch_size=98, placement=PLACEMENT)
 
 
 def test_two_ranks_write_the_same_cache_as_one_process(clip_small_data, reference_cache, tmp_path):
@@ -154,7 +156,7 @@ def test_clip_similarity_forms_cosines_per_batch(reference_cache, tiny_clip, cli
     assert p.shape == (3, 3, 7, 7) and p.dtype == torch.float32
     assert source.grid == (7, 7) and source.concepts == concepts and len(source) == 16
     paths, _ = _names(clip_small_data)
-    naive = naive_prompt_embeddings([paths[5], paths[0]], tiny_clip, (7, 7), 16)  # [2, 49, D] fp32
+    naive = naive_prompt_embeddings([paths[5], paths[0]], tiny_clip, (7, 7), 16, PLACEMENT)  # [2, 49, D]
     expected = torch.einsum("bgd,md->bmg", naive, text).reshape(2, 3, 7, 7)
     torch.testing.assert_close(p[:2], expected, atol=1e-3, rtol=0)  # fp16 cache
     assert torch.equal(p[0], p[2])

@@ -8,26 +8,15 @@ import sys
 import pytest
 import torch
 
+from tests.fixtures.clip import quick_clip_preset
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-
-
-def _quick_preset(tmp_path):
-    """tiny-clip-cpu with fewer epochs/iterations (same model, grid, CLIP stages) to keep CI short."""
-    from training.config import CONFIG_DIR
-
-    cfg = json.loads((CONFIG_DIR / "tiny-clip-cpu.json").read_text())
-    cfg["backbone_train"]["epochs"] = 1
-    cfg["cbl"].update(epochs=4, interpretability_cutoff=-1.0)
-    cfg["head"].update(path_length=3, max_iters=200)
-    path = tmp_path / "tiny-clip-quick.json"
-    path.write_text(json.dumps(cfg))
-    return path
 
 
 def test_train_all_with_clip_source(synth_data, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-c", "from clients.salfctl import main; main()", "train", "all",
-           "--config", str(_quick_preset(tmp_path)), "--data", str(synth_data), "--out", str(run)]
+           "--config", str(quick_clip_preset(tmp_path)), "--data", str(synth_data), "--out", str(run)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=280)
     assert res.returncode == 0, res.stderr[-3000:]
 

@@ -38,12 +38,13 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def naive_prompt_embeddings(paths: Sequence[str | Path], encoder: ClipEncoder, grid: tuple[int, int],
-                            radius: int) -> torch.Tensor:
-    """Algorithm 1 verbatim: float32 ``[N, G, D]`` (fp32, one batch of G Pillow-drawn prompts per image)."""
+                            radius: int, placement: str = "stride") -> torch.Tensor:
+    """Algorithm 1 verbatim: float32 ``[N, G, D]`` (fp32, one batch of G Pillow-drawn prompts per image), the
+    circles at ``placement``'s centres (salf.contract.grid)."""
     from PIL import Image
 
     h, w = encoder.image_size
-    centres = grid_points((h, w), grid)
+    centres = grid_points((h, w), grid, placement)
     mean = torch.tensor(encoder.mean).view(1, 3, 1, 1)
     std = torch.tensor(encoder.std).view(1, 3, 1, 1)
     out = []

@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from salf.cli import EXIT_USAGE, Verbose, command, configure_logging, fail
+from salf.contract.grid import PLACEMENTS
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,9 @@ def similarities(
     grid: Optional[str] = typer.Option(None, "--grid", help="e.g. 7x7 (default: the config's)."),
     radius: Optional[int] = typer.Option(None, "--radius", help="Circle radius in CLIP-input pixels "
                                          "(default: the config's, scaled to the CLIP input size)."),
+    grid_placement: Optional[str] = typer.Option(None, "--grid-placement", help="Where the circles' centres "
+                                                 "sit: cells or stride (default: the config's grid_placement, "
+                                                 "so `train all` with the same config uses this cache)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per forward pass."),
     shard_size: Optional[int] = typer.Option(None, "--shard-size", help="Images per shard."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Image-decoding workers."),
@@ -171,15 +175,19 @@ def similarities(
         if torch.cuda.is_available():
             cfg.clip.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     grid_hw = _parse_grid(grid) if grid else tuple(cfg.grid)
+    placement = grid_placement or cfg.grid_placement
+    if placement not in PLACEMENTS:
+        fail(f"--grid-placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
     paths, names = split_images(data, split)
     encoder = encoder_from_config(cfg)
     r = radius if radius is not None else clip_radius(cfg, encoder.image_size)
     manifest = compute_prompt_embeddings(paths, names, encoder, out, grid_hw, r,
                                          shard_size=cfg.clip.shard_size, batch_size=cfg.clip.batch_size,
                                          num_workers=cfg.clip.num_workers, compile=compile or cfg.clip.compile,
-                                         overwrite=overwrite)
+                                         overwrite=overwrite, placement=placement)
     if int(os.environ.get("RANK", "0")) == 0:
-        typer.echo(f"prompt embeddings of {len(names)} images ({grid_hw[0]}x{grid_hw[1]} grid, r={r}) -> {manifest}")
+        typer.echo(f"prompt embeddings of {len(names)} images ({grid_hw[0]}x{grid_hw[1]} grid, r={r}, "
+                   f"{placement} placement) -> {manifest}")
 
 
 def register(train_app: typer.Typer, data_app: typer.Typer) -> None:

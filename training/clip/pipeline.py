@@ -22,7 +22,7 @@ from training.runtime import atomic_write_bytes, atomic_write_json, atomic_write
 
 from .concepts import FilterResult, FilterSettings, filter_concepts
 from .encode import ClipEncoder, load_clip
-from .shards import images_digest
+from .shards import check_placement, images_digest
 from .similarities import compute_prompt_embeddings, default_workers, image_batches
 from .source import ClipSimilarity, EmbeddingCache
 
@@ -139,6 +139,7 @@ def build_clip_source(cfg: SalfConfig, data_root: str | Path, run_dir: str | Pat
     The source's indices are the dataset order of ``ImageFolderSplit(data_root, "train")``.
     """
     run_dir = Path(run_dir)
+    check_placement(run_dir / "similarities", cfg.grid_placement)  # before any CLIP work
     encoder = encoder_from_config(cfg)
     paths, names = split_images(data_root)
     info = read_dataset_info(data_root)

@@ -138,6 +138,21 @@ def read_spec(manifest: Path) -> CacheSpec:
         raise CacheError(f"{manifest}: unreadable manifest ({exc}); remove the folder or pass --overwrite") from exc
 
 
+def check_placement(out_dir: Path, placement: str) -> None:
+    """Refuse, with the flag that fixes it, a cache in ``out_dir`` built with another grid placement than the
+    run's: the cache is usually made by `salfctl train similarities` (perhaps under torchrun) and then
+    consumed by `salfctl train all`, and a silent rebuild would throw away hours of CLIP forwards."""
+    manifest = out_dir / MANIFEST
+    if not manifest.is_file():
+        return
+    built = read_spec(manifest).placement
+    if built != placement:
+        raise CacheError(
+            f"{out_dir} was built with grid placement {built!r} but this run's config asks for {placement!r}: "
+            f"pass --grid-placement {built} to this command to train on that cache, or rebuild it with "
+            f"`salfctl train similarities --grid-placement {placement} --overwrite ...`")
+
+
 def check_or_write_plan(out_dir: Path, spec: CacheSpec, rank: int, overwrite: bool) -> None:
     """Refuse a cache made with other settings (unless ``overwrite``: then its shards are removed), and
     (rank 0) write the plan: the manifest with ``complete: false``."""

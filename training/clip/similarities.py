@@ -134,7 +134,7 @@ def _plan_batches(ranges: list[tuple[int, int]], images_per_batch: int) -> list[
 
 def build_spec(encoder: ClipEncoder, names: Sequence[str], grid: tuple[int, int], radius: int,
                shard_size: int, batch_size: int, path: str = "full", compiled: bool = False,
-               paths: Sequence[str | Path] | None = None, placement: str = "stride") -> CacheSpec:
+               paths: Sequence[str | Path] | None = None, *, placement: str) -> CacheSpec:
     dim = encoder.embed_dim
     return CacheSpec(model=encoder.name, pretrained=encoder.pretrained, weights_sha256=encoder.weights_sha256,
                      init_seed=encoder.init_seed, image_size=tuple(encoder.image_size), mean=tuple(encoder.mean),
@@ -147,8 +147,12 @@ def build_spec(encoder: ClipEncoder, names: Sequence[str], grid: tuple[int, int]
 def compute_prompt_embeddings(paths: Sequence[str | Path], names: Sequence[str], encoder: ClipEncoder,
                               out_dir: str | Path, grid: tuple[int, int], radius: int, shard_size: int = 1024,
                               batch_size: int = 256, num_workers: int | None = None, compile: bool = False,
-                              overwrite: bool = False, placement: str = "stride") -> Path:
+                              overwrite: bool = False, *, placement: str) -> Path:
     """Run (or resume) the similarity stage; returns the manifest path (complete once every rank is done).
+
+    ``placement`` (``salf.contract.grid.PLACEMENTS``) has no default on purpose: it is part of the cache's
+    spec, and a default that differs from the training config's ``grid_placement`` made `salfctl train
+    similarities` write a cache `salfctl train all` then refused.
 
     ``paths``: image files in dataset order; ``names``: their stable names (relative paths) for the
     manifest digest. ``batch_size`` counts prompts per forward pass (images per batch = batch_size // G).
@@ -162,7 +166,7 @@ def compute_prompt_embeddings(paths: Sequence[str | Path], names: Sequence[str],
     rank, world, created = distributed_context()
     try:
         spec = build_spec(encoder, names, grid, radius, shard_size, batch_size, prompt_path(encoder), compile,
-                          paths, placement)
+                          paths, placement=placement)
         spec = adopt_batching(out, spec, overwrite)
         if rank == 0:
             check_or_write_plan(out, spec, rank, overwrite)
