@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures.gateway import free_port
+from tests.fixtures.kill import kill_after
 import torch
 
 from training.clip.shards import CacheError, shard_file
@@ -53,17 +52,7 @@ def reference_cache(clip_small_data, tmp_path_factory) -> Path:
 def test_killed_run_resumes_to_a_byte_identical_cache(clip_small_data, reference_cache, tmp_path):
     out = tmp_path / "sim"
     proc = subprocess.Popen(_stage_args(clip_small_data, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 150
-    try:
-        # SIGKILL as soon as two shards are complete (records are written after their shard).
-        while len(list(out.glob("shard-*.json"))) < 2:
-            assert proc.poll() is None, f"stage ended before it could be killed: {proc.stderr.read().decode()}"
-            assert time.monotonic() < deadline, "no shard completed in time"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    kill_after(proc, out, "shard-*.json", 2)  # two shards complete (records are written after their shard)
     done_before = len(list(out.glob("shard-*.json")))
     assert 2 <= done_before < 16, "the kill must land mid-run"
     manifest = json.loads((out / "manifest.json").read_text())

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures.gateway import free_port
+from tests.fixtures.kill import kill_after
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -81,16 +80,7 @@ def test_a_killed_extraction_resumes_to_the_same_bytes(script, synth_data, refer
     proc = subprocess.Popen([sys.executable, str(script), str(synth_data), str(out)], cwd=ROOT,
                             env={**__import__("os").environ, "SALF_SLOW_S": "0.05"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    try:
-        while len(list(out.glob("done-*.json"))) < 3:
-            assert proc.poll() is None, f"ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-            assert time.monotonic() < deadline, "no shard completed in time"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    kill_after(proc, out, "done-*.json", 3, timeout_s=120)
     done = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")
             if (out / p.name.replace("shard-", "done-").replace(".safetensors", ".json")).exists()}
     assert 3 <= len(done) < 12, "the kill must land mid-run"
