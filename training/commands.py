@@ -59,8 +59,14 @@ def _run_stage(stage: str, config: str, data: Optional[Path], out: Path, device:
         if grid_placement not in PLACEMENTS:
             raise ValueError(f"--grid-placement must be one of {', '.join(PLACEMENTS)}, got {grid_placement!r}")
         cfg.grid_placement = grid_placement
-    ctx = pipeline.make_context(cfg, data, out, progress=not quiet)
-    return ctx, getattr(pipeline, stage)(ctx)
+    from .distributed import process_group
+
+    # The launcher rule (training/distributed.py): under torchrun the whole command is one process group;
+    # every stage splits its work by rank, and only rank 0 prints.
+    with process_group() as (rank, _world):
+        ctx = pipeline.make_context(cfg, data, out, progress=not quiet and rank == 0)
+        result = getattr(pipeline, stage)(ctx)
+    return ctx, (result if rank == 0 else None)
 
 
 def _print_report(report) -> None:
@@ -81,14 +87,16 @@ def backbone(config: ConfigOpt, out: OutOpt, data: DataOpt = None, device: Devic
              quiet: QuietOpt = False) -> None:
     """Train the backbone with a linear classifier on the train split (stand-in for pre-trained weights)."""
     ctx, path = _run_stage("stage_backbone", config, data, out, device, quiet)
-    typer.echo(f"backbone weights: {path} ({ctx.timings['backbone']:.0f} s)")
+    if path is not None:
+        typer.echo(f"backbone weights: {path} ({ctx.timings['backbone']:.0f} s)")
 
 
 def cbl(config: ConfigOpt, out: OutOpt, data: DataOpt = None, device: DeviceOpt = None,
         quiet: QuietOpt = False, class_concepts: ClassConceptsOpt = None, grid_placement: PlacementOpt = None) -> None:
     """Cache backbone features and train the concept bottleneck layer (with the interpretability cutoff)."""
     _, result = _run_stage("stage_cbl", config, data, out, device, quiet, class_concepts, grid_placement)
-    typer.echo(f"cbl: {len(result.kept)}/{len(result.val_similarity)} concepts kept, best epoch "
+    if result is not None:
+        typer.echo(f"cbl: {len(result.kept)}/{len(result.val_similarity)} concepts kept, best epoch "
                f"{result.best_epoch}, dropped {[d['concept'] for d in result.dropped]}")
 
 
@@ -97,15 +105,17 @@ def head(config: ConfigOpt, out: OutOpt, data: DataOpt = None, device: DeviceOpt
     """Fit the sparse final layer, write the bundle, evaluate on the test split, write report.json (the grid
     placement is the CBL's, from cbl/cbl.json)."""
     _, report = _run_stage("stage_head", config, data, out, device, quiet)
-    _print_report(report)
+    if report is not None:
+        _print_report(report)
 
 
 def all_(config: ConfigOpt, out: OutOpt, data: DataOpt = None, device: DeviceOpt = None,
          quiet: QuietOpt = False, class_concepts: ClassConceptsOpt = None, grid_placement: PlacementOpt = None) -> None:
     """Everything: backbone (if the preset trains one) -> features -> similarities -> CBL -> head -> bundle -> report."""
     _, report = _run_stage("run_all", config, data, out, device, quiet, class_concepts, grid_placement)
-    _print_report(report)
-    typer.echo(f"wall time {report.wall_seconds:.0f} s")
+    if report is not None:
+        _print_report(report)
+        typer.echo(f"wall time {report.wall_seconds:.0f} s")
 
 
 def random(config: ConfigOpt = "imagenet-rn50",

@@ -76,6 +76,11 @@ class HeadCfg:
     dense: bool = False  # plain (non-sparse) multinomial regression instead
     path_min_ratio: float = 1e-3  # the path ends at lam_max * path_min_ratio
     dense_lam: float = 1e-4  # ridge strength of the dense head and of the dense baseline
+    # Out of core (training/activations.py): rows per block of the fp16 activation files, and how many
+    # MB of a rank's activations stay on the device between solver passes (above it, every pass streams
+    # the blocks from the file, so host memory does not grow with the dataset).
+    block_rows: int = 16384
+    resident_mb: float = 2048.0
 
 
 @dataclass

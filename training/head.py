@@ -24,9 +24,13 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
+from .activations import Design, TensorDesign
+from .distributed import all_reduce_sum
 from .runtime import progress as progress_bar, resolve_device
 
 log = logging.getLogger(__name__)
@@ -112,6 +116,14 @@ def _check(x: torch.Tensor, y: torch.Tensor, num_classes: int) -> None:
         raise ValueError("concept scores contain NaN or inf")
 
 
+def as_design(x, y=None, device: str | torch.device | None = "auto") -> Design:
+    """A :class:`~training.activations.Design` as it is, or in-memory ``x [N, M]``/``y [N]`` checked and
+    wrapped as one block."""
+    if isinstance(x, Design):
+        return x
+    return TensorDesign(x, y, resolve_device(device))
+
+
 def objective(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
               lam: float, alpha: float) -> float:
     """``F(W, b)`` of the module docstring for ``x [N, M]``, ``y [N]`` int64, ``weight [L, M]``, ``bias [L]``."""
@@ -120,13 +132,29 @@ def objective(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torc
     return float(ce + pen)
 
 
-def _sigma_max_sq(x: torch.Tensor, iters: int = 30) -> float:
-    """Largest eigenvalue of ``[X 1]^T [X 1]`` by power iteration."""
-    xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
-    v = torch.ones(xa.shape[1], dtype=x.dtype, device=x.device) / math.sqrt(xa.shape[1])
+def design_objective(d: Design, weight: torch.Tensor, bias: torch.Tensor, lam: float, alpha: float) -> float:
+    """:func:`objective` summed block by block (and over the ranks)."""
+    w, b = weight.to(d.device), bias.to(d.device)
+    ce = torch.zeros((), dtype=torch.float64, device=d.device)
+    for xb, yb in d.blocks():
+        ce += F.cross_entropy(xb @ w.T + b, yb, reduction="sum").double()
+    ce = all_reduce_sum(ce) / d.n
+    pen = lam * (alpha * w.abs().sum() + (1 - alpha) / 2 * (w ** 2).sum())
+    return float(ce + pen)
+
+
+def _sigma_max_sq(d: Design, iters: int = 30) -> float:
+    """Largest eigenvalue of ``[X 1]^T [X 1]`` by power iteration, block by block (no ones column is
+    concatenated: ``[X 1] v = X v_x + v_1``)."""
+    v = torch.ones(d.m + 1, dtype=torch.float32, device=d.device) / math.sqrt(d.m + 1)
     val = 0.0
     for _ in range(iters):
-        u = xa.T @ (xa @ v)
+        u = torch.zeros_like(v)
+        for xb, _ in d.blocks():
+            z = xb @ v[:-1] + v[-1]
+            u[:-1] += xb.T @ z
+            u[-1] += z.sum()
+        u = all_reduce_sum(u)
         val = float(u.norm())
         if val == 0.0:
             return 0.0
@@ -134,40 +162,45 @@ def _sigma_max_sq(x: torch.Tensor, iters: int = 30) -> float:
     return val * 1.01  # power iteration approaches from below: a little slack keeps the step safe
 
 
-def fit_elastic_net(x: torch.Tensor, y: torch.Tensor, num_classes: int, lam: float, alpha: float,
+def fit_elastic_net(x, y: torch.Tensor | None, num_classes: int, lam: float, alpha: float,
                     init: tuple[torch.Tensor, torch.Tensor] | None = None, max_iters: int = 2000,
                     tol: float = 1e-6, device: str | torch.device | None = "auto") -> SolverResult:
-    """Minimise ``F`` for one ``lam`` by FISTA. ``x [N, M]`` float, ``y [N]`` int; returns CPU tensors.
+    """Minimise ``F`` for one ``lam`` by FISTA. ``x [N, M]`` float and ``y [N]`` int, or a Design (then ``y``
+    is None: the design's blocks carry the labels); returns CPU tensors.
 
     Stops when the relative change of the parameters falls below ``tol``.
     """
-    _check(x, y, num_classes)
+    if not isinstance(x, Design):
+        _check(x, y, num_classes)
     if lam < 0 or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"need lam >= 0 and 0 <= alpha <= 1, got lam={lam}, alpha={alpha}")
-    dev = resolve_device(device)
-    with small_op_threads(x.numel(), dev):
-        return _fista(x.to(dev, torch.float32), y.to(dev, torch.int64), num_classes, lam, alpha, init, max_iters,
-                      tol, dev)
+    d = as_design(x, y, device)
+    with small_op_threads(d.n * d.m, d.device):
+        return _fista(d, num_classes, lam, alpha, init, max_iters, tol)
 
 
-def _fista(x: torch.Tensor, y: torch.Tensor, num_classes: int, lam: float, alpha: float,
-           init: tuple[torch.Tensor, torch.Tensor] | None, max_iters: int, tol: float,
-           dev: torch.device) -> SolverResult:
-    n, m = x.shape
-    onehot = F.one_hot(y, num_classes).to(torch.float32)
+def _fista(d: Design, num_classes: int, lam: float, alpha: float,
+           init: tuple[torch.Tensor, torch.Tensor] | None, max_iters: int, tol: float) -> SolverResult:
+    n, m, dev = d.n, d.m, d.device
     if init is None:
         w = torch.zeros(num_classes, m, device=dev)
-        prior = onehot.mean(dim=0).clamp_min(1e-12)
+        prior = (d.class_counts(num_classes) / n).float().clamp_min(1e-12)
         b = prior.log() - prior.log().mean()  # the optimal intercept-only model
     else:
         w, b = init[0].to(dev, torch.float32).clone(), init[1].to(dev, torch.float32).clone()
-    lip = 0.5 * _sigma_max_sq(x) / n + lam * (1 - alpha)
+    lip = 0.5 * _sigma_max_sq(d) / n + lam * (1 - alpha)
     step = 1.0 / max(lip, 1e-12)
     thresh = step * lam * alpha
 
     def smooth_grad(wv: torch.Tensor, bv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        resid = (torch.softmax(x @ wv.T + bv, dim=1) - onehot) / n  # [N, L]
-        return resid.T @ x + lam * (1 - alpha) * wv, resid.sum(dim=0)
+        gw, gb = torch.zeros_like(wv), torch.zeros_like(bv)
+        for xb, yb in d.blocks():
+            resid = torch.softmax(xb @ wv.T + bv, dim=1)
+            resid[torch.arange(len(yb), device=dev), yb] -= 1.0
+            resid /= n  # [b, L]
+            gw += resid.T @ xb
+            gb += resid.sum(dim=0)
+        return all_reduce_sum(gw) + lam * (1 - alpha) * wv, all_reduce_sum(gb)
 
     zw, zb, t = w.clone(), b.clone(), 1.0
     converged, it = False, 0
@@ -192,59 +225,84 @@ def _fista(x: torch.Tensor, y: torch.Tensor, num_classes: int, lam: float, alpha
     if not converged:
         log.warning("elastic-net solver stopped at max_iters=%d (lam=%.3g) before reaching tol=%.1g",
                     max_iters, lam, tol)
-    return SolverResult(w.cpu(), b.cpu(), objective(x, y, w, b, lam, alpha), it, converged)
+    return SolverResult(w.cpu(), b.cpu(), design_objective(d, w, b, lam, alpha), it, converged)
 
 
-def lambda_max(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float) -> float:
+def lambda_max(x, y: torch.Tensor | None, num_classes: int, alpha: float,
+               device: str | torch.device | None = "cpu") -> float:
     """Smallest ``lam`` at which ``W = 0`` is optimal (the start of the path). Needs ``alpha > 0``.
 
     At ``W = 0`` with the optimal intercept, softmax(b) is the class prior; the subgradient condition
-    gives ``lam_max = max |(prior - Y)^T X / N| / alpha``.
+    gives ``lam_max = max |(prior - Y)^T X / N| / alpha`` (``(prior - Y)^T X = prior colsum(X)^T - per-class
+    row sums``, accumulated block by block).
     """
     if alpha <= 0:
         raise ValueError("a regularisation path needs alpha > 0 (an L1 part)")
-    onehot = F.one_hot(y.to(torch.int64), num_classes).to(torch.float32)
-    resid = onehot.mean(dim=0, keepdim=True) - onehot
-    return float((resid.T @ x.to(torch.float32)).abs().max()) / x.shape[0] / alpha
+    d = as_design(x, y, device)
+    prior = (d.class_counts(num_classes) / d.n).float()
+    colsum = torch.zeros(d.m, device=d.device)
+    per_class = torch.zeros(num_classes, d.m, device=d.device)
+    for xb, yb in d.blocks():
+        colsum += xb.sum(dim=0)
+        per_class.index_add_(0, yb, xb)
+    colsum, per_class = all_reduce_sum(colsum), all_reduce_sum(per_class)
+    return float((prior[:, None] * colsum[None, :] - per_class).abs().max()) / d.n / alpha
 
 
-def accuracy(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> float:
-    """Top-1 accuracy of ``x @ W.T + b`` on labels ``y``."""
-    return float(((x.float() @ weight.T + bias).argmax(dim=1) == y).float().mean())
+def accuracy(x, y: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor) -> float:
+    """Top-1 accuracy of ``x @ W.T + b`` on labels ``y`` (or of a Design's blocks)."""
+    if not isinstance(x, Design):
+        return float(((x.float() @ weight.T + bias).argmax(dim=1) == y).float().mean())
+    w, b = weight.to(x.device), bias.to(x.device)
+    correct = torch.zeros((), dtype=torch.float64, device=x.device)
+    for xb, yb in x.blocks():
+        correct += ((xb @ w.T + b).argmax(dim=1) == yb).sum()
+    return float(all_reduce_sum(correct)) / x.n
 
 
-def fit_path(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float, target_nonzero_per_class: int,
-             path_length: int = 20, min_ratio: float = 1e-3, x_val: torch.Tensor | None = None,
+def fit_path(x, y: torch.Tensor | None, num_classes: int, alpha: float, target_nonzero_per_class: int,
+             path_length: int = 20, min_ratio: float = 1e-3, x_val=None,
              y_val: torch.Tensor | None = None, max_iters: int = 2000, tol: float = 1e-6,
-             device: str | torch.device | None = "auto", progress: bool = False) -> HeadFit:
+             device: str | torch.device | None = "auto", progress: bool = False,
+             checkpoint: str | Path | None = None, checkpoint_key: dict | None = None) -> HeadFit:
     """Regularisation path from ``lam_max`` down geometrically to ``lam_max * min_ratio`` with warm starts.
 
     Stops after the first point with more than ``target_nonzero_per_class * L`` non-zero weights; among
     the points within that budget picks the best validation accuracy (train accuracy without a
-    validation set), ties broken towards fewer non-zero weights.
+    validation set), ties broken towards fewer non-zero weights. ``x``/``x_val``: tensors (with ``y``/
+    ``y_val``) or Designs. ``checkpoint``: a folder where (rank 0) saves every point as it is reached; a
+    rerun with the same path settings and ``checkpoint_key`` (what identifies the data) resumes after the
+    last saved point, to the same result.
     """
-    _check(x, y, num_classes)
+    if not isinstance(x, Design):
+        _check(x, y, num_classes)
     if target_nonzero_per_class < 1:
         raise ValueError("target_nonzero_per_class must be >= 1")
+    d = as_design(x, y, device)
+    dv = None if x_val is None else as_design(x_val, y_val, d.device)
     budget = target_nonzero_per_class * num_classes
-    lmax = lambda_max(x, y, num_classes, alpha)
+    lmax = lambda_max(d, None, num_classes, alpha)
     lams = [lmax * min_ratio ** (k / max(path_length - 1, 1)) for k in range(path_length)]
-    init = None
-    points: list[tuple[PathPoint, SolverResult]] = []
-    for lam in progress_bar(lams, "head path", progress, unit="lam"):
-        res = fit_elastic_net(x, y, num_classes, lam, alpha, init, max_iters, tol, device)
+    book = PathBook(checkpoint, {"lams": lams, "alpha": alpha, "budget": budget, "max_iters": max_iters, "tol": tol,
+                                 "n": d.n, "m": d.m, "classes": num_classes,
+                                 "data": checkpoint_key})
+    points = book.load()
+    init = (points[-1][1].weight, points[-1][1].bias) if points else None
+    for lam in progress_bar(lams[len(points):], "head path", progress, unit="lam"):
+        if points and points[-1][0].nonzero > budget:
+            break
+        res = fit_elastic_net(d, None, num_classes, lam, alpha, init, max_iters, tol)
         init = (res.weight, res.bias)
         nz = res.weight != 0
         point = PathPoint(
             lam=lam, nonzero=int(nz.sum()), max_nonzero_per_class=int(nz.sum(dim=1).max()),
-            train_accuracy=accuracy(x, y, res.weight, res.bias),
-            val_accuracy=None if x_val is None else accuracy(x_val, y_val, res.weight, res.bias),
+            train_accuracy=accuracy(d, None, res.weight, res.bias),
+            val_accuracy=None if dv is None else accuracy(dv, None, res.weight, res.bias),
             iterations=res.iterations)
         log.debug("path lam=%.4g nonzero=%d train_acc=%.3f val_acc=%s", lam, point.nonzero,
                   point.train_accuracy, point.val_accuracy)
         points.append((point, res))
-        if point.nonzero > budget:
-            break
+        book.save(len(points) - 1, point, res)
     eligible = [pr for pr in points if pr[0].nonzero <= budget]
 
     def key(pr):
@@ -256,8 +314,55 @@ def fit_path(x: torch.Tensor, y: torch.Tensor, num_classes: int, alpha: float, t
                    best_point.val_accuracy, [p for p, _ in points])
 
 
-def fit_dense(x: torch.Tensor, y: torch.Tensor, num_classes: int, lam: float = 1e-4,
-              x_val: torch.Tensor | None = None, y_val: torch.Tensor | None = None, max_iters: int = 2000,
+class PathBook:
+    """The regularisation path's checkpoint: ``path.json`` (settings and the points so far) and one
+    ``point-XXX.safetensors`` (weight, bias) per point, written by rank 0 after each lambda."""
+
+    def __init__(self, folder: str | Path | None, key: dict) -> None:
+        self.folder = None if folder is None else Path(folder)
+        self.key = key
+
+    def load(self) -> list[tuple[PathPoint, SolverResult]]:
+        if self.folder is None or not (self.folder / "path.json").is_file():
+            return []
+        import json
+
+        from safetensors.torch import load_file
+
+        doc = json.loads((self.folder / "path.json").read_text())
+        if doc.get("key") != self.key:
+            log.info("head path checkpoint %s is of other settings; fitting the path from the start", self.folder)
+            return []
+        points = []
+        for k, p in enumerate(doc["points"]):
+            t = load_file(str(self.folder / f"point-{k:03d}.safetensors"))
+            points.append((PathPoint(**p["point"]),
+                           SolverResult(t["weight"], t["bias"], p["objective"], p["point"]["iterations"],
+                                        p["converged"])))
+        log.info("head path: resuming after %d of %d points from %s", len(points), len(self.key["lams"]),
+                 self.folder)
+        return points
+
+    def save(self, k: int, point: PathPoint, res: SolverResult) -> None:
+        from .distributed import rank_world
+        from .runtime import atomic_write_json, save_tensors
+
+        if self.folder is None or rank_world()[0] != 0:
+            return
+        import json
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_tensors(self.folder / f"point-{k:03d}.safetensors", {"weight": res.weight, "bias": res.bias})
+        doc = {"key": self.key, "points": []}
+        if k and (self.folder / "path.json").is_file():
+            doc = json.loads((self.folder / "path.json").read_text())
+        doc["points"] = doc["points"][:k] + [{"point": asdict(point), "objective": res.objective,
+                                             "converged": res.converged}]
+        atomic_write_json(self.folder / "path.json", doc)
+
+
+def fit_dense(x, y: torch.Tensor | None, num_classes: int, lam: float = 1e-4,
+              x_val=None, y_val: torch.Tensor | None = None, max_iters: int = 2000,
               tol: float = 1e-6, device: str | torch.device | None = "auto") -> HeadFit:
     """Dense head: the same solver with ``alpha = 0`` (a small ridge keeps the optimum finite)."""
     res = fit_elastic_net(x, y, num_classes, lam, 0.0, None, max_iters, tol, device)
@@ -265,5 +370,5 @@ def fit_dense(x: torch.Tensor, y: torch.Tensor, num_classes: int, lam: float = 1
     return HeadFit(res.weight, res.bias, lam, 0.0, True, accuracy(x, y, res.weight, res.bias), val)
 
 
-__all__ = ["HeadFit", "PathPoint", "SolverResult", "accuracy", "fit_dense", "fit_elastic_net", "fit_path",
-           "lambda_max", "objective", "standardisation"]
+__all__ = ["HeadFit", "PathBook", "PathPoint", "SolverResult", "accuracy", "as_design", "design_objective",
+           "fit_dense", "fit_elastic_net", "fit_path", "lambda_max", "objective", "standardisation"]

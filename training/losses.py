@@ -39,9 +39,45 @@ def cubic_cosine_similarity(q: torch.Tensor, p: torch.Tensor, eps: float = EPS) 
     return num / den.clamp_min(eps)
 
 
+def distributed_cubic_cosine_similarity(q: torch.Tensor, p: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """:func:`cubic_cosine_similarity` of the *global* batch when each rank holds some of its images
+    (``q``, ``p``: this rank's rows): batch means, per-position scales and the three sums are reduced over
+    the ranks (the sums differentiably), so every rank gets the loss of the whole batch, equal to one
+    process's up to the order of floating-point sums. With data parallelism this is exact: each rank's
+    gradient is W times its share, and DistributedDataParallel's average divides the W back out. The
+    arithmetic is float64 (the maps stay float32): a sum split over ranks then rounds ~1e-16, not ~1e-7,
+    so runs on different numbers of ranks stay together over many epochs of Adam (measured: CBL weights
+    1e-4 apart after 30 epochs in float32)."""
+    from .distributed import all_reduce_max, all_reduce_sum, differentiable_sum
+
+    qc = q.double()
+    pc = p.to(qc.dtype)
+    n = all_reduce_sum(torch.tensor(float(q.shape[0]), dtype=qc.dtype, device=qc.device))
+    if float(n) < 2:
+        raise ValueError("cubic cosine similarity needs a batch of at least 2 images")
+    qc = qc - differentiable_sum(qc.sum(dim=0, keepdim=True)) / n
+    pc = pc - all_reduce_sum(pc.sum(dim=0, keepdim=True)) / n
+
+    def scale(x: torch.Tensor) -> torch.Tensor:
+        local = x.detach().abs().amax(dim=0, keepdim=True) if x.shape[0] else torch.zeros_like(x[:1])
+        return all_reduce_max(local).clamp_min(eps)
+
+    qc = (qc / scale(qc)) ** 3
+    pc = (pc / scale(pc)) ** 3
+    num = differentiable_sum((qc * pc).sum(dim=0))
+    qq = differentiable_sum((qc * qc).sum(dim=0))
+    pp = all_reduce_sum((pc * pc).sum(dim=0))
+    return num / (qq.clamp_min(1e-300).sqrt() * pp.clamp_min(1e-300).sqrt()).clamp_min(eps)
+
+
 def cbl_loss(maps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """``-mean_{m,h,w} sim(q[m,h,w], p[m,h,w])`` for maps and targets ``[B, M, Gh, Gw]``; a scalar."""
     return -cubic_cosine_similarity(maps, targets).mean()
 
 
-__all__ = ["cubic_cosine_similarity", "cbl_loss"]
+def distributed_cbl_loss(maps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """:func:`cbl_loss` of the global batch spread over the ranks (:func:`distributed_cubic_cosine_similarity`)."""
+    return -distributed_cubic_cosine_similarity(maps, targets).mean()
+
+
+__all__ = ["cbl_loss", "cubic_cosine_similarity", "distributed_cbl_loss", "distributed_cubic_cosine_similarity"]

@@ -23,23 +23,25 @@ import time
 from .stages.backbone import backbone_spec, stage_backbone
 from .stages.cbl import stage_cbl
 from .stages.context import Context, PipelineError, RunPaths, make_context
-from .stages.features import stage_features
+from .stages.features import stage_features, train_split
 from .stages.head import ConceptData, stage_head
 from .stages.report import TrainReport, summary_line
 from .stages.similarity_source import stage_similarity
 
 
-def run_all(ctx: Context) -> TrainReport:
+def run_all(ctx: Context) -> TrainReport | None:
     """`train all`: backbone (if the preset asks) -> features -> similarities -> CBL -> head -> bundle ->
-    evaluation -> report. Returns the report (also in RUN/report.json)."""
+    evaluation -> report. Returns the report (also in RUN/report.json; None on ranks other than 0)."""
     start = time.perf_counter()
     if ctx.cfg.backbone_train.enabled:
         stage_backbone(ctx)
-    cache = stage_features(ctx, "train")
-    stage_cbl(ctx, cache)
-    report = stage_head(ctx, cache)
-    report.wall_seconds = time.perf_counter() - start
-    report.write(ctx.run.report)
+    split = train_split(ctx)
+    caches = stage_features(ctx, "train", parts=split), stage_features(ctx, "val", parts=split)
+    stage_cbl(ctx, caches)
+    report = stage_head(ctx, caches)
+    if report is not None:
+        report.wall_seconds = time.perf_counter() - start
+        report.write(ctx.run.report)
     return report
 
 

@@ -23,14 +23,20 @@ FLOOR = 1e-4
 PRIOR = 32.0  # pseudo-requests of the training distribution mixed into a live window
 
 
-def histogram(scores: np.ndarray) -> np.ndarray:
-    """Standardised scores ``[N, M]`` -> each concept's share of the N images per z bin, ``[M, BINS]``."""
+def bin_counts(scores: np.ndarray) -> np.ndarray:
+    """Standardised scores ``[N, M]`` -> how many of the N images fall in each z bin, per concept ``[M, BINS]``
+    (float64 counts: blocks of rows add up to the counts of the whole matrix)."""
     scores = np.asarray(scores, dtype=np.float64)
     n, m = scores.shape
     idx = np.clip(np.searchsorted(EDGES, scores, side="right") - 1, 0, BINS - 1)  # [N, M]
-    counts = np.zeros((m, BINS), dtype=np.float64)
-    np.add.at(counts, (np.broadcast_to(np.arange(m), (n, m)), idx), 1.0)
-    return counts / max(n, 1)
+    flat = (np.arange(m)[None, :] * BINS + idx).ravel()
+    return np.bincount(flat, minlength=m * BINS).astype(np.float64).reshape(m, BINS)
+
+
+def histogram(scores: np.ndarray) -> np.ndarray:
+    """Standardised scores ``[N, M]`` -> each concept's share of the N images per z bin, ``[M, BINS]``."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return bin_counts(scores) / max(scores.shape[0], 1)
 
 
 def normal_reference(m: int) -> np.ndarray:

@@ -131,10 +131,13 @@ def test_feature_cache_is_rebuilt_when_the_images_change(tmp_path, synth_data):
     ctx = make_context(config_from_dict(doc), data, tmp_path / "run", progress=False)
     torch.manual_seed(0)
     backbone = build_backbone(ctx.cfg.backbone).eval()
-    before = next(stage_features(ctx, "train", backbone).batches([0], 1)).features
+    cache = stage_features(ctx, "train", backbone)
+    item = int(cache.items[0])  # the first row: rows are in a seeded random order of the train part
+    before = next(cache.batches([item], 1)).features
     paths = ImageFolderSplit(data, "train").paths
-    shutil.copyfile(paths[1], paths[0])  # a different image under image 0's name
-    after = next(stage_features(ctx, "train", backbone).batches([0], 1)).features
+    image = item // ctx.cfg.cbl.views  # the image this (view) item comes from
+    shutil.copyfile(paths[image - 1 if image else 1], paths[image])  # a different image under its name
+    after = next(stage_features(ctx, "train", backbone).batches([item], 1)).features
     assert not torch.equal(before, after)
     # and an unchanged dataset still reuses its cache (no rebuild: same shard file)
     manifest = (tmp_path / "run" / "features" / "train" / "manifest.json").stat().st_mtime_ns

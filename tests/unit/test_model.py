@@ -167,7 +167,7 @@ def test_train_cbl_refuses_a_source_of_another_image_count(tmp_path):
 
     source = LongerSource(cache)
     split = carve_validation(len(cache), 0.25, 0)
-    with pytest.raises(ValueError, match="covers 24 images but the feature cache 20"):
+    with pytest.raises(ValueError, match="covers 24 images but the features 20"):
         train_cbl(cache, source, split, CBLCfg(epochs=1, batch_size=5), seed=0, device="cpu", progress=False)
 
 

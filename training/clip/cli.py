@@ -71,6 +71,9 @@ def concepts(
     llm_api_key: Optional[str] = typer.Option(None, "--llm-api-key", envvar="OPENAI_API_KEY",
                                               help="Bearer key (env OPENAI_API_KEY)."),
     llm_timeout: float = typer.Option(60.0, "--llm-timeout", help="Seconds per request."),
+    llm_concurrency: int = typer.Option(8, "--llm-concurrency", min=1, help="LLM requests in flight at a time "
+                                        "(answers are saved to OUT/llm_answers.jsonl; a rerun asks only for "
+                                        "the missing ones)."),
     config: Optional[str] = typer.Option(None, "--config", "-c", help="Preset or JSON file for the clip settings."),
     clip: Optional[str] = typer.Option(None, "--clip", help="open_clip model name (overrides the config)."),
     clip_pretrained: Optional[str] = typer.Option(None, "--clip-pretrained", help="Local weights file or "
@@ -102,7 +105,8 @@ def concepts(
         if not llm_base_url or not llm_model:
             fail("--generate needs --llm-base-url/OPENAI_BASE_URL and --llm-model/OPENAI_MODEL")
         endpoint = LLMEndpoint(llm_base_url, llm_model, llm_api_key, timeout_s=llm_timeout)
-        initial, answers = generate_concepts(class_names, endpoint)
+        initial, answers = generate_concepts(class_names, endpoint, max_in_flight=llm_concurrency,
+                                             cache_path=out / "llm_answers.jsonl")
         (out / "generated.json").write_text(json.dumps({"endpoint": llm_base_url, "model": llm_model,
                                                         "answers": answers, "concepts": initial}, indent=1) + "\n")
     else:

@@ -1,7 +1,7 @@
 """Concept lists (paper 3.1, following Label-free CBM): generate with an LLM, then filter.
 
-Generation asks an OpenAI-compatible chat-completions endpoint the paper's three questions per class
-(important features, things seen around, superclasses) using only the standard library (urllib).
+Generation (concurrent, retried, resumable LLM requests) is training/clip/llm.py; its names are
+re-exported here.
 
 Filtering, in this order, each drop recorded with its reason:
 
@@ -12,117 +12,21 @@ Filtering, in this order, each drop recorded with its reason:
 5. ``similar_to_concept``: cosine to another remaining concept >= ``concept_cutoff`` (0.9); of such a
    pair the one with the higher mean similarity to all remaining concepts is dropped (ties: the later);
 6. ``not_in_images``: mean of the top-5 CLIP image-concept cosines over the training images below
-   ``top5_cutoff``.
+   ``top5_cutoff``; computed ``block_size`` images at a time with a running top-5 per concept, so the
+   ``[N, M]`` cosine matrix (1.28M x 4741 fp32 = 24 GB for ImageNet) is never built.
 """
 from __future__ import annotations
 
-import json
 import logging
-import re
-import socket
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
+from .llm import (ARTICLES, PROMPTS, AnswerCache, ConceptGenerationError, LLMEndpoint, generate_concepts,  # noqa: F401
+                  normalize_concept, parse_list_answer, strip_article)
+
 log = logging.getLogger(__name__)
-
-PROMPTS = {
-    "important": "List the most important features for recognizing something as a \"{cls}\". "
-                 "Answer with one short feature per line, without numbering or explanations.",
-    "around": "List the things most commonly seen around a \"{cls}\". "
-              "Answer with one short item per line, without numbering or explanations.",
-    "superclass": "Give superclasses for the word \"{cls}\". "
-                  "Answer with one superclass per line, without numbering or explanations.",
-}
-ARTICLES = ("a", "an", "the")
-
-
-class ConceptGenerationError(RuntimeError):
-    """The LLM endpoint could not be reached or answered something unusable."""
-
-
-def normalize_concept(text: str) -> str:
-    """Lower-case, trimmed, single-spaced, without list markers and trailing punctuation."""
-    text = re.sub(r"^\s*(?:[-*\u2022]+|\d+[.)])\s*", "", text)
-    text = re.sub(r"\s+", " ", text).strip().strip(".,;:").strip()
-    return text.lower()
-
-
-def strip_article(text: str) -> str:
-    words = text.split(" ", 1)
-    return words[1] if len(words) == 2 and words[0] in ARTICLES else text
-
-
-def parse_list_answer(content: str) -> list[str]:
-    """An LLM answer (one item per line, or comma-separated on one line) -> normalised items."""
-    lines = [line for line in content.splitlines() if line.strip()]
-    if len(lines) == 1 and "," in lines[0]:
-        lines = lines[0].split(",")
-    items = [normalize_concept(line) for line in lines]
-    return [item for item in items if item]
-
-
-# ---------------------------------------------------------------- generation
-
-
-@dataclass
-class LLMEndpoint:
-    """An OpenAI-compatible chat-completions endpoint. ``base_url`` like ``https://host/v1``."""
-    base_url: str
-    model: str
-    api_key: str | None = None
-    timeout_s: float = 60.0
-    temperature: float = 0.0
-
-    def chat(self, prompt: str) -> str:
-        url = self.base_url.rstrip("/") + "/chat/completions"
-        body = json.dumps({"model": self.model, "temperature": self.temperature,
-                           "messages": [{"role": "user", "content": prompt}]}).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                payload = json.loads(response.read().decode("utf-8"))
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode("utf-8", "replace")[:300]
-            raise ConceptGenerationError(f"LLM endpoint {url} answered HTTP {exc.code}: {detail}") from exc
-        except (urllib.error.URLError, socket.timeout, ConnectionError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ConceptGenerationError(f"cannot reach the LLM endpoint {url}: {reason} (set --llm-base-url or "
-                                         f"OPENAI_BASE_URL, or pass a concept list with --concepts)") from exc
-        except json.JSONDecodeError as exc:
-            raise ConceptGenerationError(f"LLM endpoint {url} did not answer JSON: {exc}") from exc
-        try:
-            return payload["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError) as exc:
-            raise ConceptGenerationError(f"LLM endpoint {url}: no choices[0].message.content in the answer "
-                                         f"{str(payload)[:200]}") from exc
-
-
-def generate_concepts(classes: Sequence[str], endpoint: LLMEndpoint) -> tuple[list[str], dict]:
-    """The raw concept list (deduplicated, first-seen order) and the per-class answers."""
-    concepts: list[str] = []
-    seen: set[str] = set()
-    answers: dict[str, dict[str, list[str]]] = {}
-    for cls in classes:
-        answers[cls] = {}
-        for kind, template in PROMPTS.items():
-            items = parse_list_answer(endpoint.chat(template.format(cls=cls)))
-            answers[cls][kind] = items
-            for item in items:
-                if item not in seen:
-                    seen.add(item)
-                    concepts.append(item)
-        log.info("concepts: %s -> %d items so far", cls, len(concepts))
-    if not concepts:
-        raise ConceptGenerationError(f"LLM endpoint {endpoint.base_url} returned no concepts")
-    return concepts, answers
-
 
 # ---------------------------------------------------------------- filtering
 
@@ -215,14 +119,27 @@ def filter_concept_similarity(result: FilterResult, text_enc: Callable, cutoff: 
     return result
 
 
+def top_k_mean(image_embeddings: torch.Tensor, text_emb: torch.Tensor, top_k: int, block_size: int) -> torch.Tensor:
+    """Mean of the ``top_k`` best image cosines per concept, ``[M]``, without the ``[N, M]`` matrix: image
+    rows ``block_size`` at a time, merged into a running ``[k, M]`` top-k: the dense ``topk``'s values in its
+    order, hence its mean (BLAS may round a block's cosines differently from the whole product's, by an ulp)."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    text_emb = text_emb.to(torch.float32)
+    best = text_emb.new_empty((0, text_emb.shape[0]))
+    for start in range(0, image_embeddings.shape[0], block_size):
+        sims = image_embeddings[start:start + block_size].to(torch.float32) @ text_emb.T  # [B, M]
+        merged = torch.cat([best, sims])
+        best = merged.topk(min(top_k, merged.shape[0]), dim=0).values
+    return best.mean(dim=0)
+
+
 def filter_top5(result: FilterResult, image_embeddings: torch.Tensor, text_enc: Callable, cutoff: float,
-                top_k: int = 5) -> FilterResult:
+                top_k: int = 5, block_size: int = 65536) -> FilterResult:
     """Rule 6: ``image_embeddings`` ``[N, D]`` L2-normalised (whole training images, no circle)."""
     if not result.kept:
         return result
-    sims = image_embeddings.to(torch.float32) @ text_enc(result.kept).T  # [N, M]
-    k = min(top_k, sims.shape[0])
-    score = sims.topk(k, dim=0).values.mean(dim=0)
+    score = top_k_mean(image_embeddings, text_enc(result.kept), top_k, block_size)
     kept = []
     for i, concept in enumerate(result.kept):
         if float(score[i]) < cutoff:

@@ -10,14 +10,19 @@ from .context import Context, PipelineError, split_dataset, timed
 
 
 def stage_backbone(ctx: Context) -> Path:
-    """Train the backbone on the train split (stand-in for pre-training); returns the weights path."""
-    from ..backbone_train import train_backbone
+    """Train the backbone on the train split (stand-in for pre-training); returns the weights path. Under
+    torchrun rank 0 trains it and the other ranks wait at a barrier: the stand-in is small, and a
+    backbone at the paper's scale comes pre-trained (``backbone.weights``)."""
+    from ..backbone_train import WEIGHTS_FILE, train_backbone
+    from ..distributed import barrier, rank_world
 
     ds = split_dataset(ctx, "train")
     with timed(ctx, "backbone"):
-        result = train_backbone(ctx.cfg.backbone, ds, len(ds.classes), ctx.cfg.backbone_train, ctx.run.backbone,
-                                ctx.cfg.seed, ctx.device, ctx.cfg.num_workers, ctx.progress)
-    return result.path
+        if rank_world()[0] == 0:
+            train_backbone(ctx.cfg.backbone, ds, len(ds.classes), ctx.cfg.backbone_train, ctx.run.backbone,
+                           ctx.cfg.seed, ctx.device, ctx.cfg.num_workers, ctx.progress)
+        barrier()
+    return ctx.run.backbone / WEIGHTS_FILE
 
 
 def backbone_spec(ctx: Context) -> BackboneSpec:

@@ -10,34 +10,49 @@ import torch
 from ..backbones import build_backbone
 from ..data.folder import read_dataset_info
 from .backbone import backbone_spec
+from ..activations import FileDesign
+from ..distributed import barrier, rank_world
 from .cbl import check_cbl_features, load_cbl
 from .context import Context, split_dataset, timed
-from .features import stage_features
+from .features import stage_features, train_split
 from .report import TrainReport, build_report, finite
 
 
 @dataclass
 class ConceptData:
-    """Standardised concept scores of the train-split features under the trained CBL."""
-    scores: torch.Tensor  # [N, M] standardised c*
-    labels: torch.Tensor  # [N] int64
+    """The head's inputs, out of core: standardised concept scores of the train rows (view 0 of the CBL's
+    train images) and of the validation part, as block designs over fp16 activation files."""
+    train: FileDesign
+    val: FileDesign
     mean: torch.Tensor  # [M] train mean of the pooled scores
     std: torch.Tensor  # [M] train std
     mean_map: torch.Tensor  # [M, Gh, Gw] mean training map (position-blind baseline)
-    train: list[int]  # indices of the head's train part (the CBL's split)
-    val: list[int]  # indices of its validation part
 
 
-def stage_head(ctx: Context, train_cache=None) -> TrainReport:
-    """Fit the head, build and save the bundle, evaluate on the test split, write report.json."""
+def stage_head(ctx: Context, caches=None) -> TrainReport | None:
+    """Fit the head, build and save the bundle, evaluate on the test split, write report.json. Under
+    torchrun every rank takes part in the activations and the solver; rank 0 alone evaluates and writes
+    the bundle and the report (the others return None)."""
     weight, info = load_cbl(ctx)
-    cache = train_cache or stage_features(ctx, "train")
-    check_cbl_features(info, cache)
+    split = train_split(ctx)
+    cache, val_cache = caches or (stage_features(ctx, "train", parts=split), stage_features(ctx, "val", parts=split))
+    check_cbl_features(info, cache, val_cache)
     with timed(ctx, "head"):
-        data = _concept_data(ctx, cache, weight, info)
+        data = _concept_data(ctx, cache, val_cache, weight, info)
         head = _fit_head(ctx, data)
+        hist = _concept_hist(data)
     with timed(ctx, "dense_baseline"):
-        dense, feature_norm = _dense_baseline(ctx, cache, data)
+        dense, feature_norm = _dense_baseline(ctx, cache, val_cache, info)
+    rank = rank_world()[0]
+    report = None
+    if rank == 0:
+        report = _evaluate_and_save(ctx, cache, weight, head, data, info, dense, feature_norm, hist)
+    barrier()
+    return report
+
+
+def _evaluate_and_save(ctx: Context, cache, weight, head, data: ConceptData, info: dict, dense, feature_norm,
+                       hist) -> TrainReport:
     model = _assemble(ctx, cache, weight, head, data, len(info["concepts"]))
     test = split_dataset(ctx, "test")
     with timed(ctx, "evaluate"):
@@ -47,23 +62,44 @@ def stage_head(ctx: Context, train_cache=None) -> TrainReport:
                       batch_size=ctx.cfg.cbl.feature_batch_size, num_workers=ctx.cfg.num_workers,
                       device=ctx.device, progress=ctx.progress)
     metrics = _metrics(ev, head, dense, info)
-    _save_bundle(ctx, model, cache, info, head, test.classes, metrics, _concept_hist(data))
+    _save_bundle(ctx, model, cache, info, head, test.classes, metrics, hist)
     report = build_report(ctx, ev, head, info, test, metrics)
     report.write(ctx.run.report)
     return report
 
 
-def _concept_data(ctx: Context, cache, weight: torch.Tensor, info: dict) -> ConceptData:
-    from ..features import concept_activations
-    from ..head import standardisation
+def head_rows(cache, views: int) -> torch.Tensor | None:
+    """Cache positions the head trains on: view 0 of each train image (a zoomed view may have cropped the
+    object out); None (every row) without views."""
+    if views <= 1:
+        return None
+    return (cache.items % views == 0).nonzero().flatten()
 
-    c_all, y_all, mean_map, _ = concept_activations(cache, weight, ctx.cfg.pooling, device=ctx.device)
-    tr, va = info["train_indices"], info["val_indices"]
-    views = int(info.get("views", 1))
-    if views > 1:  # the head trains on the images themselves: a zoomed view may have cropped the object out
-        tr = [i for i in tr if i % views == 0]
-    mean, std = standardisation(c_all[tr])
-    return ConceptData((c_all - mean) / std, y_all, mean, std, mean_map, tr, va)
+
+def _designs(ctx: Context, cache, val_cache, name: str, weight, views: int):
+    """Activation files ``RUN/head/<name>-{train,val}`` (written once, reused by key) as block designs."""
+    from ..activations import FileDesign, write_activations
+
+    hc = ctx.cfg.head
+    root = ctx.run.root / "head"
+    _, mean_map = write_activations(cache, root / f"{name}-train", {"features": cache.manifest["key"]}, weight,
+                                    ctx.cfg.pooling, head_rows(cache, views), hc.block_rows, ctx.device, ctx.progress)
+    write_activations(val_cache, root / f"{name}-val", {"features": val_cache.manifest["key"]}, weight,
+                      ctx.cfg.pooling, None, hc.block_rows, ctx.device, ctx.progress)
+    resident = int(hc.resident_mb * 2**20)
+    tr = FileDesign(root / f"{name}-train", ctx.device, resident)
+    va = FileDesign(root / f"{name}-val", ctx.device, resident)
+    # the validation rows are standardised with the train part's statistics
+    va.offset = (torch.tensor(tr.meta["mean"], dtype=torch.float64)
+                 - torch.tensor(va.meta["shift"], dtype=torch.float64)).float().to(ctx.device)
+    va.std = tr.std
+    return tr, va, mean_map
+
+
+def _concept_data(ctx: Context, cache, val_cache, weight: torch.Tensor, info: dict) -> ConceptData:
+    tr, va, mean_map = _designs(ctx, cache, val_cache, "concepts", weight, int(info.get("views", 1)))
+    return ConceptData(tr, va, torch.tensor(tr.meta["mean"], dtype=torch.float32),
+                       tr.std.detach().cpu().clone(), mean_map)
 
 
 def _num_classes(ctx: Context) -> int:
@@ -71,33 +107,31 @@ def _num_classes(ctx: Context) -> int:
 
 
 def _fit_head(ctx: Context, d: ConceptData):
-    """The preset's head: dense, a fixed lambda, or the regularisation path to a sparsity budget."""
+    """The preset's head: dense, a fixed lambda, or the regularisation path to a sparsity budget (with a
+    checkpoint after every lambda in ``RUN/head/path``)."""
     from ..head import HeadFit, accuracy, fit_dense, fit_elastic_net, fit_path
 
     hc, n = ctx.cfg.head, _num_classes(ctx)
-    x_tr, y_tr, x_va, y_va = d.scores[d.train], d.labels[d.train], d.scores[d.val], d.labels[d.val]
     if hc.dense:
-        return fit_dense(x_tr, y_tr, n, hc.dense_lam, x_va, y_va, hc.max_iters, hc.tol, ctx.device)
+        return fit_dense(d.train, None, n, hc.dense_lam, d.val, None, hc.max_iters, hc.tol, ctx.device)
     if hc.lam is not None:
-        res = fit_elastic_net(x_tr, y_tr, n, hc.lam, hc.alpha, None, hc.max_iters, hc.tol, ctx.device)
-        return HeadFit(res.weight, res.bias, hc.lam, hc.alpha, False, accuracy(x_tr, y_tr, res.weight, res.bias),
-                       accuracy(x_va, y_va, res.weight, res.bias))
-    return fit_path(x_tr, y_tr, n, hc.alpha, hc.target_nonzero_per_class, hc.path_length, hc.path_min_ratio,
-                    x_va, y_va, hc.max_iters, hc.tol, ctx.device, ctx.progress)
+        res = fit_elastic_net(d.train, None, n, hc.lam, hc.alpha, None, hc.max_iters, hc.tol, ctx.device)
+        return HeadFit(res.weight, res.bias, hc.lam, hc.alpha, False, accuracy(d.train, None, res.weight, res.bias),
+                       accuracy(d.val, None, res.weight, res.bias))
+    return fit_path(d.train, None, n, hc.alpha, hc.target_nonzero_per_class, hc.path_length, hc.path_min_ratio,
+                    d.val, None, hc.max_iters, hc.tol, ctx.device, ctx.progress,
+                    checkpoint=ctx.run.root / "head" / "path",
+                    checkpoint_key={"train": d.train.meta["key"], "val": d.val.meta["key"]})
 
 
-def _dense_baseline(ctx: Context, cache, d: ConceptData):
+def _dense_baseline(ctx: Context, cache, val_cache, info: dict):
     """Same backbone, dense linear head on pooled backbone features, same split: ``(fit, (mean, std))``."""
-    from ..features import pooled_cache_features
-    from ..head import fit_dense, standardisation
+    from ..head import fit_dense
 
     hc = ctx.cfg.head
-    f_all, _ = pooled_cache_features(cache)
-    f_mean, f_std = standardisation(f_all[d.train])
-    f_all = (f_all - f_mean) / f_std
-    fit = fit_dense(f_all[d.train], d.labels[d.train], _num_classes(ctx), hc.dense_lam, f_all[d.val],
-                    d.labels[d.val], hc.max_iters, hc.tol, ctx.device)
-    return fit, (f_mean, f_std)
+    tr, va, _ = _designs(ctx, cache, val_cache, "features", None, int(info.get("views", 1)))
+    fit = fit_dense(tr, None, _num_classes(ctx), hc.dense_lam, va, None, hc.max_iters, hc.tol, ctx.device)
+    return fit, (torch.tensor(tr.meta["mean"], dtype=torch.float32), tr.std.detach().cpu().clone())
 
 
 def _assemble(ctx: Context, cache, weight: torch.Tensor, head, d: ConceptData, num_concepts: int):
@@ -125,11 +159,13 @@ def _metrics(ev, head, dense, info: dict) -> dict:
 
 def _concept_hist(d: ConceptData) -> dict[str, torch.Tensor]:
     """The training split's concept-score histograms (``salf/contract/drift.py``), stored in the bundle so
-    the gateway can tell how far live traffic sits from training, per concept."""
-    from salf.contract.drift import histogram
+    the gateway can tell how far live traffic sits from training, per concept; built block by block
+    (training/activations.py ``block_histogram``)."""
     from salf.contract.repository import CONCEPT_HIST
 
-    return {CONCEPT_HIST: torch.from_numpy(histogram(d.scores[d.train].numpy()).astype("float32"))}
+    from ..activations import block_histogram
+
+    return {CONCEPT_HIST: torch.from_numpy(block_histogram(d.train).astype("float32"))}
 
 
 def _save_bundle(ctx: Context, model, cache, info: dict, head, classes: list[str], metrics: dict,

@@ -42,5 +42,6 @@ def classification(model, train, test, num_classes: int, val=None) -> tuple[dict
     for name, fit in nec.items():
         key = next(k for k in rows if k.startswith(name) and ("sparse" in k))
         rows[key][f"accuracy_nec{NEC}"] = accuracy(f_te_z if name == "standard" else s_te, y_te, fit.weight, fit.bias)
-    classifier = StandardClassifier(model, f_mean, f_std, dense.weight, dense.bias).eval()
+    # on the model's device (it shares the model's backbone); the heads are fitted on the CPU features
+    classifier = StandardClassifier(model, f_mean, f_std, dense.weight, dense.bias).to(own.device).eval()
     return {"rows": rows, "sparse_budget_per_class": budget, "nec": NEC, "test_images": int(len(y_te))}, classifier

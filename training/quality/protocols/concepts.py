@@ -21,13 +21,14 @@ def concept_localisation(model, concepts: list[str], dataset, indices: list[int]
         return {"skipped": "none of the model's concepts has a mask in the dataset"}
     sel = [concepts.index(c) for c in names]
     spec = model.backbone.spec
+    device = next(model.parameters()).device  # the model's; the maps are scored on the CPU
     n = len(indices)
     all_maps, all_masks = [], []
     for start in range(0, n, batch_size):
         idx = indices[start:start + batch_size]
         images = torch.stack([dataset[i][0] for i in idx])
-        maps, _, _ = model(normalize_uint8(images, spec.mean, spec.std))
-        all_maps.append(maps[:, sel])
+        maps, _, _ = model(normalize_uint8(images.to(device), spec.mean, spec.std))
+        all_maps.append(maps[:, sel].cpu())
         all_masks += [torch.from_numpy(dataset.load_masks(i)[[rows[c] for c in names]]) for i in idx]
     maps = torch.cat(all_maps)
     mean_map = maps.mean(dim=0)
@@ -62,13 +63,15 @@ def _presence(dataset, indices: list[int], rows: list[int]) -> np.ndarray:
 
 
 def concept_neurons(concepts: list[str], train_ds, test_ds, train_feats, test_feats, k: int = 50,
-                    keep_gallery: int = 6, gallery_k: int = 5) -> dict:
+                    keep_gallery: int = 6, gallery_k: int = 5, train_indices: list[int] | None = None) -> dict:
     """Each concept neuron's top-k test images by its global activation, with precision@k against the
     concept's presence (its mask non-empty); baseline: the backbone channel that best retrieves the
     concept on the *train* split (top-k precision, ties by mean activation gap), scored the same way
     on test. ``k`` 50: at 5 every neuron and channel scored 1.0 on the demo's test split (a concept is
     in 12-50% of its images), so 5 told nothing; the gallery shows the top ``gallery_k``.
-    ``*_feats``: :func:`.features.dataset_features` tuples (pooled backbone features, concept scores, ...)."""
+    ``*_feats``: :func:`.features.dataset_features` tuples (pooled backbone features, concept scores, ...);
+    ``train_indices``: the train items ``train_feats`` holds, in its order (default: the first
+    ``len(train_feats[0])``; pass the draw of ``--train-limit``); ``test_feats`` holds the whole test split."""
     k = max(1, min(k, len(test_feats[0]), len(train_feats[0])))
     if not getattr(test_ds, "has_masks", False) or test_ds.concepts is None:
         return {"skipped": "the dataset has no concept masks"}
@@ -77,7 +80,8 @@ def concept_neurons(concepts: list[str], train_ds, test_ds, train_feats, test_fe
         return {"skipped": "none of the model's concepts has a mask in the dataset"}
     rows = [test_ds.concepts.index(c) for c in names]
     present_te = _presence(test_ds, list(range(len(test_ds))), rows)
-    present_tr = _presence(train_ds, list(range(len(train_feats[0]))), rows)
+    present_tr = _presence(train_ds, list(train_indices) if train_indices is not None
+                           else list(range(len(train_feats[0]))), rows)
     scores_te = test_feats[1].numpy()
     chan_tr, chan_te = train_feats[0].numpy(), test_feats[0].numpy()
     top_tr = np.argsort(-chan_tr, axis=0, kind="stable")[:k]  # [k, D]: each channel's top-k train images

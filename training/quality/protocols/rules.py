@@ -24,7 +24,7 @@ def rules(model, concepts: list[str], classes: list[str]) -> dict:
         return {"skipped": "none of the classes' defining concepts is among the model's (a class-concept model?)"}
     if not defining:
         return {"skipped": "no defining concepts known for these classes (the synthetic set's)"}
-    w = model.head.linear.weight.detach().numpy()
+    w = model.head.linear.weight.detach().cpu().numpy()
     idx = {classes.index(c): [concepts.index(x) for x in d if x in concepts] for c, d in defining.items()}
     share = metrics.weight_share(w, idx)
     per_class = {classes[k]: v for k, v in share.items()}
