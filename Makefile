@@ -14,7 +14,7 @@ DEMO_SYNTH_ARGS ?=
 DEMO_PORT ?= 50151
 DEMO_REPO ?= model_repository
 
-.PHONY: all venv proto demo test test-unit test-integration triton-env triton prometheus-bin chromium-bin ui ui-story clean bench-similarity bench-serving bench-mixed bench-overhead bench-throughput bench-batching bench-gpu bench-quality perf-analyzer
+.PHONY: all venv proto demo test test-unit test-integration triton-env triton prometheus-bin chromium-bin ui ui-story clean bench-similarity bench-serving bench-mixed bench-overhead bench-throughput bench-batching bench-gpu bench-quality bench-scale perf-analyzer
 
 all: venv proto
 
@@ -113,6 +113,13 @@ BENCH_QUALITY_ARGS ?=
 bench-quality: venv
 	mkdir -p $(RUNS)
 	$(PY) -m tests.bench.quality $(BENCH_QUALITY_ARGS) --json $(RUNS)/bench-quality.json
+
+# Training at scale (issue 22): every training stage at N and 4N synthetic images (throughput, peak RSS,
+# disk) and a projection to ImageNet on 1 and 8 GPUs; regenerates docs/scale.md. BENCH_SCALE_ARGS="--n 2000".
+BENCH_SCALE_ARGS ?=
+bench-scale: venv
+	mkdir -p $(RUNS)
+	$(PY) -m tests.bench.scale $(BENCH_SCALE_ARGS) --json $(RUNS)/bench-scale.json
 
 # The one prepared script for a lent GPU (issue 12): SALF-CBM vs plain ResNet-50 in bf16 at batch 256, the
 # exported graph on onnxruntime's CUDA provider, the gateway with --device cuda. Runs on a CPU too (slowly).

@@ -75,8 +75,7 @@ class TensorDesign(Design):
 class FileDesign(Design):
     """The rank's blocks (``j % W == rank``) of an activation folder, standardised on the fly."""
 
-    def __init__(self, folder: str | Path, device: torch.device, resident_bytes: int = 0,
-                 rows: int | None = None) -> None:
+    def __init__(self, folder: str | Path, device: torch.device, resident_bytes: int = 0) -> None:
         self.folder = Path(folder)
         self.meta = read_meta(self.folder)
         if self.meta is None:
@@ -93,22 +92,37 @@ class FileDesign(Design):
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _read(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ``j``'s raw fp16 values and labels, read into buffers reused from block to block (on the CPU
+        they are views of those buffers; on another device, copies there)."""
         start = j * self.block_rows
         rows = min(self.block_rows, self.n - start)
-        with open(self.folder / VALUES, "rb") as f:
-            f.seek(start * self.m * 2)
-            vals = np.frombuffer(f.read(rows * self.m * 2), dtype=np.float16).reshape(rows, self.m)
-        with open(self.folder / LABELS, "rb") as f:
-            f.seek(start * 8)
-            labels = np.frombuffer(f.read(rows * 8), dtype=np.int64)
-        return torch.from_numpy(vals.copy()).to(self.device), torch.from_numpy(labels.copy()).to(self.device)
+        if not hasattr(self, "_vbuf"):
+            self._vbuf = np.empty((self.block_rows, self.m), dtype=np.float16)
+            self._lbuf = np.empty(self.block_rows, dtype=np.int64)
+        for name, buf, width in ((VALUES, self._vbuf, self.m * 2), (LABELS, self._lbuf, 8)):
+            with open(self.folder / name, "rb") as f:
+                f.seek(start * width)
+                if f.readinto(memoryview(buf[:rows]).cast("B")) != rows * width:
+                    raise OSError(f"{self.folder / name} is shorter than its meta.json says")
+        vals, labels = torch.from_numpy(self._vbuf[:rows]), torch.from_numpy(self._lbuf[:rows])
+        if self.device.type == "cpu" and not self.resident:
+            return vals, labels
+        return vals.to(self.device, copy=True), labels.to(self.device, copy=True)
 
     def blocks(self):
+        """The rank's blocks, standardised into one float32 buffer: a block is valid until the next is asked
+        for (consumers reduce it at once; clone it to keep it)."""
         if self._cache is None and self.resident:
             self._cache = [self._read(j) for j in self.mine]
         source = self._cache if self._cache is not None else (self._read(j) for j in self.mine)
+        xbuf = None
         for vals, labels in source:
-            yield (vals.float() - self.offset) / self.std, labels
+            if xbuf is None:
+                xbuf = torch.empty(min(self.block_rows, self.n), self.m, dtype=torch.float32, device=self.device)
+            x = xbuf[:len(vals)]
+            x.copy_(vals)
+            x.sub_(self.offset).div_(self.std)
+            yield x, labels
 
 
 def block_histogram(d: Design) -> np.ndarray:
@@ -147,7 +161,7 @@ def _pwrite(path: Path, offset: int, data: bytes) -> None:
 @torch.no_grad()
 def write_activations(cache, out: str | Path, key: dict, weight: torch.Tensor | None, pooling: str,
                       rows: torch.Tensor | None = None, block_rows: int = 16384,
-                      device: torch.device | str = "cpu", progress: bool = False) -> tuple[Path, torch.Tensor | None]:
+                      device: torch.device | str = "cpu", progress: bool = False, read_rows: int = 256) -> tuple[Path, torch.Tensor | None]:
     """Write the pooled concept activations (``weight``: the CBL's ``[M, D, 1, 1]``) or, with ``weight=None``,
     the average-pooled backbone features of the cache rows ``rows`` (positions; default all) to ``out``.
 
@@ -167,12 +181,21 @@ def write_activations(cache, out: str | Path, key: dict, weight: torch.Tensor | 
     w = None if weight is None else weight.to(dev)
 
     def compute(j: int):
-        b = cache.read(positions[j * block_rows:(j + 1) * block_rows])
-        feats = b.features.to(dev)
-        if w is None:
-            return feats.mean(dim=(2, 3)), None, b.labels
-        maps = F.conv2d(feats, w)
-        return pool_maps(maps, pooling), maps.sum(0), b.labels
+        """Block ``j``'s pooled values, map sum and labels, its features read ``read_rows`` at a time (a
+        ResNet-50 block of 16384 rows would be 6.6 GB of float32 features at once)."""
+        vals, map_sum, labels = [], None, []
+        block = positions[j * block_rows:(j + 1) * block_rows]
+        for s in range(0, len(block), read_rows):
+            b = cache.read(block[s:s + read_rows])
+            feats = b.features.to(dev)
+            labels.append(b.labels)
+            if w is None:
+                vals.append(feats.mean(dim=(2, 3)))
+                continue
+            maps = F.conv2d(feats, w)
+            vals.append(pool_maps(maps, pooling))
+            map_sum = maps.sum(0) if map_sum is None else map_sum + maps.sum(0)
+        return torch.cat(vals), map_sum, torch.cat(labels)
 
     first, _, _ = compute(0)
     shift = first.double().mean(dim=0)

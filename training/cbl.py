@@ -114,7 +114,7 @@ def validation_similarity(cbl, cache: FeatureCache, source, indices: list[int] |
     n, sum_q, sum_p = torch.zeros((), dtype=torch.float64, device=device), zeros.clone(), zeros.clone()
     for b in cache.batches(indices, batch_size, part=part):
         q = cbl(b.features.to(device)).double()
-        p = source.similarities(b.indices.tolist()).to(device).double()
+        p = targets(source, b.indices, device).double()
         sum_q, sum_p, n = sum_q + q.sum(0), sum_p + p.sum(0), n + len(q)
     n, sum_q, sum_p = (all_reduce_sum(t) for t in (n, sum_q, sum_p))
     if float(n) < 2:
@@ -123,12 +123,21 @@ def validation_similarity(cbl, cache: FeatureCache, source, indices: list[int] |
     qp, qq, pp = zeros.clone(), zeros.clone(), zeros.clone()
     for b in cache.batches(indices, batch_size, part=part):
         q = (cbl(b.features.to(device)).double() - mean_q) ** 3
-        p = (source.similarities(b.indices.tolist()).to(device).double() - mean_p) ** 3
+        p = (targets(source, b.indices, device).double() - mean_p) ** 3
         qp, qq, pp = qp + (q * p).sum(0), qq + (q * q).sum(0), pp + (p * p).sum(0)
     qp, qq, pp = (all_reduce_sum(t) for t in (qp, qq, pp))
     sim = qp / (qq.sqrt() * pp.sqrt()).clamp_min(1e-300)
     undefined = (pp <= 1e-300) | (qq <= 1e-300)
     return sim.masked_fill(undefined, float("nan")).float().cpu()
+
+
+def targets(source, indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The source's ``P`` for ``indices`` on ``device``, formed there when the source can (``device=``)."""
+    import inspect
+
+    if "device" in inspect.signature(source.similarities).parameters:
+        return source.similarities(indices.tolist(), device=device)
+    return source.similarities(indices.tolist()).to(device)
 
 
 def _per_concept(sim: torch.Tensor) -> torch.Tensor:
@@ -208,8 +217,8 @@ def _train_cbl(cache: FeatureCache, val_cache: FeatureCache, source, split: ValS
         gen = epoch_generator(seed, epoch)
         # drop_last: a tiny trailing batch gives a noisy, high-variance similarity
         for b in cache.batches(split.train_indices, cfg.batch_size, shuffle=True, generator=gen,
-                               drop_last=len(split.train_indices) > cfg.batch_size, part=part):
-            p = source.similarities(b.indices.tolist()).to(dev)
+                               drop_last=len(split.train_indices) > cfg.batch_size, part=part, prefetch=2):
+            p = targets(source, b.indices, dev)
             loss = distributed_cbl_loss(model(b.features.to(dev)), p)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -213,12 +213,19 @@ class FeatureCache:
 
     def batches(self, indices=None, batch_size: int = 256, shuffle: bool = False,
                 generator: torch.Generator | None = None, drop_last: bool = False,
-                part: tuple[int, int] = (0, 1)) -> Iterator[FeatureBatch]:
+                part: tuple[int, int] = (0, 1), prefetch: int = 0) -> Iterator[FeatureBatch]:
         """Stream ``FeatureBatch``es of dataset ``indices`` (default: all); ``part=(rank, world)``: this
-        rank's rows ``rank::world`` of each global batch (see :meth:`global_batches`)."""
+        rank's rows ``rank::world`` of each global batch (see :meth:`global_batches`). ``prefetch``: read
+        that many batches ahead in a background thread (``pread`` releases the GIL, so reading overlaps
+        the consumer's compute); the batches and their order are the same."""
         rank, world = part
-        for positions in self.global_batches(indices, batch_size, shuffle, generator, drop_last):
-            yield self.read(positions[rank::world])
+        mine = (positions[rank::world] for positions in self.global_batches(indices, batch_size, shuffle, generator,
+                                                                            drop_last))
+        if prefetch <= 0:
+            for positions in mine:
+                yield self.read(positions)
+            return
+        yield from _prefetched(mine, self.read, prefetch)
 
     def close(self) -> None:
         for sh in self._open.values():
@@ -230,6 +237,49 @@ class FeatureCache:
             self.close()
         except Exception:
             pass
+
+
+def _prefetched(items: Iterator, read, depth: int) -> Iterator:
+    """``read(item)`` for each item, computed up to ``depth`` ahead in a thread; exceptions re-raised here,
+    and the thread stops when the consumer does."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(value) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(read(item)):
+                    return
+            put(done)
+        except BaseException as exc:  # handed to the consumer
+            put(exc)
+
+    thread = threading.Thread(target=work, name="feature-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            out = q.get()
+            if out is done:
+                return
+            if isinstance(out, BaseException):
+                raise out
+            yield out
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def pooled_cache_features(cache: FeatureCache, indices=None, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:

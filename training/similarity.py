@@ -30,8 +30,9 @@ class SimilaritySource(Protocol):
     concepts: list[str]
     grid: tuple[int, int]
 
-    def similarities(self, indices: Sequence[int]) -> torch.Tensor:
-        """``P`` for the images ``indices`` of the split: float32 ``[B, M, Gh, Gw]``."""
+    def similarities(self, indices: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+        """``P`` for the images ``indices`` of the split: float32 ``[B, M, Gh, Gw]`` on ``device`` (default
+        CPU; a source that can forms it there, e.g. the CLIP product)."""
         ...
 
 
@@ -147,15 +148,15 @@ class MaskSimilarity:
         self._cache[indices] = disk_fractions(masks, self._disks, self._areas)
         self._done[indices] = True
 
-    def similarities(self, indices: Sequence[int]) -> torch.Tensor:
-        """``P`` float32 ``[B, M, Gh, Gw]`` for the split's images ``indices`` (dataset order)."""
+    def similarities(self, indices: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+        """``P`` float32 ``[B, M, Gh, Gw]`` for the split's images ``indices`` (dataset order), on ``device``."""
         idx = torch.as_tensor(list(indices), dtype=torch.long).reshape(-1)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
             raise IndexError(f"similarity indices must lie in [0, {len(self)}), got {idx.tolist()[:8]}...")
         missing = idx[~self._done[idx]].unique().tolist()
         for start in range(0, len(missing), self._CHUNK):
             self._compute(missing[start:start + self._CHUNK])
-        return self._cache[idx].view(len(idx), len(self.concepts), *self.grid).clone()
+        return self._cache[idx].view(len(idx), len(self.concepts), *self.grid).to(device or "cpu", copy=True)
 
     def precompute(self) -> torch.Tensor:
         """Fill the cache for the whole split; returns ``P`` float32 ``[N, M, Gh, Gw]``."""

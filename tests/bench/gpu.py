@@ -8,7 +8,9 @@ In one run, on the paper's size with random weights (`salfctl train random --con
 2. the exported `salf_cbm` graph through onnxruntime with the CUDA execution provider (CPU when there
    is none) at batch 1 and at `--batch`;
 3. `salfctl serve --device cuda` (the embedded backend on the CUDA provider): Predict and Explain p50
-   through real gRPC next to that bare forward.
+   through real gRPC next to that bare forward;
+4. the training stages at the paper's shapes (tests/bench/gpu_training.py): feature extraction, a CBL
+   step, a head FISTA iteration, and the head's all_reduce under torchrun.
 Prints a JSON document and writes it with --json. On a CPU (no bf16 units) the torch comparison runs in
 float32 at batch 4. onnxruntime-gpu here is built for CUDA 13 and cuDNN 9: on the GPU machine their
 pip wheels (nvidia-cublas, nvidia-cudnn, ...) or system libraries must be loadable, or the CUDA provider
@@ -129,6 +131,10 @@ def main(argv=None) -> int:
         print(json.dumps(doc["onnxruntime"]), flush=True)
         doc["gateway_device_cuda"] = gateway(work / "repo", work, args.samples)
         print(json.dumps(doc["gateway_device_cuda"]), flush=True)
+    from tests.bench.gpu_training import training_stages
+
+    doc["training"] = training_stages(repeats)
+    print(json.dumps(doc["training"]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(doc, indent=1))
     return 0

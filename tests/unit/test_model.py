@@ -217,3 +217,26 @@ def test_explanation_uses_contributions_and_grid_positions():
     assert ex.top[0].contribution == pytest.approx(2.0) and ex.top[0].cell == (2, 5)
     assert ex.top[0].pixel == (36, 90)  # grid centres i * floor(112 / 6) = 18 * i
     assert "strongest at grid cell (h=2, w=5)" in ex.describe()
+
+
+def test_prefetched_batches_are_the_same_batches(tmp_path):
+    cache, _ = _cache(tmp_path, n=23, shard=5)
+    plain = list(cache.batches(batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1)))
+    ahead = list(cache.batches(batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1), prefetch=2))
+    assert len(plain) == len(ahead) == 6
+    assert all(torch.equal(a.indices, b.indices) and torch.equal(a.features, b.features) for a, b in zip(plain, ahead))
+    # a consumer that stops early does not leave the reader thread behind
+    import threading
+
+    for _ in cache.batches(batch_size=2, prefetch=1):
+        break
+    assert not [t for t in threading.enumerate() if t.name == "feature-prefetch" and t.is_alive()]
+
+
+def test_part_of_a_global_batch_is_every_worldth_row(tmp_path):
+    cache, _ = _cache(tmp_path, n=23, shard=5)
+    whole = list(cache.batches(batch_size=6))
+    parts = [list(cache.batches(batch_size=6, part=(r, 2))) for r in (0, 1)]
+    for k, b in enumerate(whole):
+        assert torch.equal(parts[0][k].indices, b.indices[0::2]) and torch.equal(parts[1][k].indices, b.indices[1::2])
+        assert torch.equal(parts[1][k].features, b.features[1::2])

@@ -120,12 +120,18 @@ class ClipSimilarity:
     def __len__(self) -> int:
         return len(self.cache)
 
-    def similarities(self, indices: Sequence[int]) -> torch.Tensor:
-        emb = self.cache.gather(indices).to(torch.float32)  # [B, G, D]
+    def similarities(self, indices: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+        """``P`` on ``device`` (default CPU): the fp16 embeddings travel to the device and the product runs
+        there (per cell the cache holds D = 512 fp16 values where P holds M = 4741 float32: ~19x fewer bytes
+        cross the bus)."""
+        dev = torch.device(device or "cpu")
+        if self.text.device != dev:
+            self.text = self.text.to(dev)
+        emb = self.cache.gather(indices).to(dev, non_blocking=True).to(torch.float32)  # [B, G, D]
         p = torch.einsum("bgd,md->bmg", emb, self.text)
         return p.reshape(p.shape[0], p.shape[1], *self.grid).contiguous()
 
     def subset(self, keep: Sequence[int]) -> "ClipSimilarity":
         """The same source restricted to the concepts at positions ``keep`` (after interpretability cut-offs)."""
         keep = list(keep)
-        return ClipSimilarity(self.cache, [self.concepts[i] for i in keep], self.text[keep])
+        return ClipSimilarity(self.cache, [self.concepts[i] for i in keep], self.text[keep].cpu())
