@@ -118,6 +118,7 @@ bench-quality: venv
 # disk) and a projection to ImageNet on 1 and 8 GPUs; regenerates docs/scale.md. BENCH_SCALE_ARGS="--n 2000".
 BENCH_SCALE_ARGS ?=
 bench-scale: venv
+	$(PIP) install -q "glm-saga==0.1.2"  # the paper's head solver, measured against FISTA
 	mkdir -p $(RUNS)
 	$(PY) -m tests.bench.scale $(BENCH_SCALE_ARGS) --json $(RUNS)/bench-scale.json
 

@@ -8,14 +8,15 @@ with the bias ``b`` unpenalised. This is scikit-learn's elastic-net ``LogisticRe
 divided by ``C * N`` (so ``C = 1 / (N * lam)``), which the tests use as the reference.
 
 Solver choice: full-batch FISTA (accelerated proximal gradient) with adaptive restart, written in
-torch so it runs on CPU or GPU. The paper uses GLM-SAGA, a stochastic variance-reduced method built
-for data that does not fit in memory; here the pooled scores ``[N, M]`` are small (M is the number of
-concepts, not backbone channels: even ImageNet-size N x M fits one accelerator), so a deterministic
-full-batch method is simpler, converges to the exact optimum (needed to match scikit-learn), and
-makes warm starts along the regularisation path cheap. The step is ``1 / Lip`` with ``Lip`` the
-Lipschitz constant of the smooth part: the multinomial log-loss Hessian is bounded by
-``0.5 * [X 1]^T [X 1] / N``, so ``Lip = 0.5 * sigma_max([X 1])^2 / N + lam * (1 - alpha)``, with
-``sigma_max`` from a few power iterations; no line search is needed.
+torch so it runs on CPU or GPU. The paper uses GLM-SAGA, a stochastic variance-reduced method; measured
+against it (`make bench-scale`, docs/scale.md) FISTA reaches the exact optimum (needed to match
+scikit-learn) faster than GLM-SAGA gets near it, and warm starts along the regularisation path are cheap.
+The data need not fit in memory: the solver sees a :class:`~training.activations.Design`, row blocks of
+an fp16 activation file (or in-memory tensors as one block), and each iteration sums the blocks'
+gradients and, under torchrun, the ranks' with one all_reduce of the ``[L, M]`` gradient. The step is
+``1 / Lip`` with ``Lip`` the Lipschitz constant of the smooth part: the multinomial log-loss Hessian is
+bounded by ``0.5 * [X 1]^T [X 1] / N``, so ``Lip = 0.5 * sigma_max([X 1])^2 / N + lam * (1 - alpha)``,
+with ``sigma_max`` from a few power iterations (block by block); no line search is needed.
 """
 from __future__ import annotations
 

@@ -51,6 +51,49 @@ def probe(stage: str, work: Path, n: int, concepts: int, epochs: int, iters: int
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def solver_comparison(n: int = 20000, m: int = 500, classes: int = 20) -> list[dict]:
+    """The head's FISTA against GLM-SAGA (the paper's solver, `glm-saga` on PyPI) on one elastic-net problem
+    (alpha 0.99, lam = 0.05 lam_max; synthetic standardised rows where class l lifts feature 5l): wall time,
+    objective, gap to FISTA's converged objective, non-zero weights. 2 threads."""
+    import contextlib
+    import io
+
+    import torch
+
+    from training.activations import TensorDesign
+    from training.head import design_objective, fit_elastic_net, lambda_max
+
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(n, m, generator=g)
+    x[torch.arange(n), y * 5] += 1.5
+    x = (x - x.mean(0)) / x.std(0)
+    lam = lambda_max(x, y, classes, 0.99) * 0.05
+    t = time.perf_counter()
+    ref = fit_elastic_net(x, y, classes, lam, 0.99, max_iters=5000, tol=1e-7, device="cpu")
+    rows = [{"solver": f"FISTA (this project), converged to tol 1e-7 in {ref.iterations} iterations",
+             "s": time.perf_counter() - t, "objective": ref.objective, "gap": 0.0, "nonzero": int((ref.weight != 0).sum())}]
+    try:
+        from glm_saga.elasticnet import train_saga
+    except ImportError:
+        return rows + [{"solver": "glm-saga not installed", "s": None, "objective": None, "gap": None, "nonzero": None}]
+    data = torch.utils.data.TensorDataset(x, y, torch.arange(n))
+    for epochs in (2, 8):
+        lin = torch.nn.Linear(m, classes)
+        torch.nn.init.zeros_(lin.weight)
+        torch.nn.init.zeros_(lin.bias)
+        loader = torch.utils.data.DataLoader(data, batch_size=256, shuffle=True, generator=torch.Generator().manual_seed(0))
+        t = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            train_saga(lin, loader, 0.1, epochs, lam, 0.99, group=False, tol=0, n_ex=n, n_classes=classes)
+        wall = time.perf_counter() - t
+        obj = design_objective(TensorDesign(x, y, torch.device("cpu")), lin.weight.data, lin.bias.data, lam, 0.99)
+        rows.append({"solver": f"GLM-SAGA, {epochs} epochs (batch 256, lr 0.1)", "s": wall, "objective": obj,
+                     "gap": obj - ref.objective, "nonzero": int((lin.weight != 0).sum())})
+    return rows
+
+
 def disk_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
 
@@ -149,6 +192,18 @@ def render(doc: dict) -> str:
               "whose RAM holds the cache (the page-cache row) or a second node does. The head's figure is "
               "an upper bound (every solve running to max_iters); warm starts along the path usually stop "
               "far earlier.", ""]
+    lines += ["", "## The head's solver: FISTA or GLM-SAGA (measured)", "",
+              "One elastic-net problem (20,000 x 500 standardised rows, 20 classes, alpha 0.99, lam = 0.05 lam_max), "
+              "2 threads, this machine:", "",
+              "| solver | wall s | objective | gap to FISTA's optimum | non-zero weights |", "|---|---:|---:|---:|---:|"]
+    for r in doc["solver"]:
+        fmt = (lambda v, f: "-" if v is None else format(v, f))
+        lines.append(f"| {r['solver']} | {fmt(r['s'], '.2f')} | {fmt(r['objective'], '.6f')} | {fmt(r['gap'], '.2e')} | "
+                     f"{fmt(r['nonzero'], 'd')} |")
+    lines += ["", "FISTA stays: it reaches the exact optimum (it matches scikit-learn to 1e-12, tests/unit/test_solver.py) "
+              "faster than GLM-SAGA gets near it, and each iteration is one full gradient, so ranks sum their blocks' "
+              "[L, M] gradients with one all_reduce. GLM-SAGA keeps a table of per-example gradients ([N, L]: 4.6 GB "
+              "for ImageNet) and forms a [B, L, M] product per batch, and its updates are sequential.", ""]
     return "\n".join(lines)
 
 
@@ -169,6 +224,7 @@ def main(argv=None) -> None:
     doc = {"machine": cpu_name(), "date": time.strftime("%Y-%m-%d"), "n": args.n, "concepts": args.concepts,
            "epochs": args.epochs, "iters": args.iters, "feature_dim": measured[args.n]["features"]["feature_dim"],
            "measured": {str(k): v for k, v in measured.items()}, "projection": projection(), "assumed": ASSUMED,
+           "solver": solver_comparison(),
            "wall_s": time.time() - start}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=1))
