@@ -9,7 +9,7 @@ prints one JSON line with the stage's wall time, throughput and peak resident se
 The data are the real stages' inputs with synthetic content: seeded noise images through a real (tiny,
 randomly initialised) backbone into a real feature cache; CBL targets from a seeded similarity source of
 ``M`` concepts (each image's targets drawn from a generator seeded by its index, so nothing of size N is
-held); a random CBL for the head. Each stage runs in its own process so that ``ru_maxrss`` is that
+held); a random CBL for the head. Each stage runs in its own process so that ``VmHWM`` is that
 stage's peak (plus the interpreter and torch: the ``baseline_mb`` field, measured before the stage).
 """
 from __future__ import annotations
@@ -32,7 +32,10 @@ def rss_mb() -> float:
 
 
 def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The process's peak resident set, ``VmHWM`` (its own: ``ru_maxrss`` would carry a forking parent's peak
+    across exec, e.g. a large pytest process)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 class NoiseImages(torch.utils.data.Dataset):

@@ -1,8 +1,10 @@
 """Memory that does not grow with the dataset (issue 22): the CBL and head stages' peak resident set at N and
 4N training images stays within 10%, N = 4000 (tests/bench/scale_probe.py: 32 px noise images through a tiny
 random CNN into a real feature cache, M = 2000 concepts, the head's activations in a memory-mappable fp16
-file streamed in blocks). The control, the head with its activations gathered in RAM as before, grows by
-more than 10% at the same sizes: the measurement can see what it guards against."""
+file streamed in blocks; peak = VmHWM of each stage's own process, glibc's mmap threshold fixed at 4 MB as in
+`make bench-scale`, tests/bench/scale.py FIXED_HEAP says why). The control, the head with its activations
+gathered in RAM as before, grows by more than 10% at the same sizes: the measurement can see what it
+guards against."""
 from __future__ import annotations
 
 import pytest
