@@ -43,6 +43,9 @@ class ServeConfig:
     # pool spins after each product, and on two cores that halved the next forward's speed (paper size,
     # Predict right after an Explain: 92 ms with the default pool, 61 ms with one thread, measured).
     blas_threads: int | None = 1
+    # The key of content-addressed explanation ids (serving/ids.py): every replica behind one balancer must
+    # share it. None: $SALF_ID_KEY, else a random key per process (ids stable within one replica only).
+    id_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:

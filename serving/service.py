@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +18,7 @@ from .backends import Backend
 from .budget import Budget, as_budget
 from .cache import TTLCache
 from .errors import InvalidArgument, NotFound, echo
+from .ids import ExplanationIds
 from .images import MAX_PIXELS, box_mask, decode_image, decode_mask, points_mask, require_nonempty
 
 log = logging.getLogger(__name__)
@@ -167,28 +167,41 @@ class Gateway:
     concept-map ``cache`` behind explanation ids."""
 
     def __init__(self, spec: ModelSpec, backend: Backend, cache: TTLCache, limits: Limits | None = None,
-                 drift=None, metrics=None) -> None:
+                 drift=None, metrics=None, ids: ExplanationIds | None = None) -> None:
         self.spec = spec
         self.backend = backend
         self.cache = cache
         self.limits = limits or Limits()
         self.drift = drift  # serving.drift.DriftTracker or None
         self.metrics = metrics
+        self.ids = ids or ExplanationIds()  # content-addressed ids (serving/ids.py)
+        self._model_identity = (int(spec.version), spec.bundle_sha256, spec.maps_dtype)
 
     # ---------------------------------------------------------- shared steps
 
-    def _run_image(self, image: bytes, budget: Budget) -> CachedMaps:
+    def _decode(self, image: bytes, budget: Budget):
         budget.check("decoding the image")
-        decoded = decode_image(image, self.spec.input_size, self.limits.max_pixels)
+        return decode_image(image, self.spec.input_size, self.limits.max_pixels)
+
+    def _infer(self, decoded, budget: Budget) -> CachedMaps:
         maps, scores, logits = self.backend.infer(decoded.model_input[None], budget.left("inference"))
         if self.drift is not None:
             self.drift.observe(scores[0], self.metrics)
         return CachedMaps(maps[0], scores[0], logits[0], decoded.size)
 
-    def _remember(self, entry: CachedMaps) -> str:
-        explanation_id = uuid.uuid4().hex
-        self.cache.put(explanation_id, entry)
-        return explanation_id
+    def _run_image(self, image: bytes, budget: Budget) -> CachedMaps:
+        return self._infer(self._decode(image, budget), budget)
+
+    def _explained(self, image: bytes, budget: Budget) -> tuple[str, CachedMaps]:
+        """The image's content-addressed id and its maps: from the cache when this replica already holds
+        them (no forward pass), else computed and stored under that id."""
+        decoded = self._decode(image, budget)
+        explanation_id = self.ids.id_for(self._model_identity, decoded.size, decoded.model_input)
+        entry = self.cache.get(explanation_id)
+        if entry is None:
+            entry = self._infer(decoded, budget)
+            self.cache.put(explanation_id, entry)
+        return explanation_id, entry
 
     def _maps_for(self, explanation_id: str, image: bytes, budget: Budget) -> tuple[str, CachedMaps]:
         """Cached maps of ``explanation_id``, or a fresh forward pass on the resent ``image``."""
@@ -200,8 +213,7 @@ class Gateway:
                 raise NotFound(f"explanation_id {echo(explanation_id)} is unknown or expired; resend the image")
         elif not image:
             raise InvalidArgument("send an image or an explanation_id")
-        entry = self._run_image(image, budget)
-        return self._remember(entry), entry
+        return self._explained(image, budget)
 
     def _class_scores(self, logits: np.ndarray, order: list[int] | None = None, k: int | None = None) -> list[ClassScore]:
         probs = explain.softmax(logits)
@@ -270,8 +282,7 @@ class Gateway:
         extra = [_resolve_index(name, None, self.spec.concepts, "concept") for name in concepts]
         wants_class = (class_name is not None and class_name != "") or class_index is not None
         requested = _resolve_index(class_name, class_index, self.spec.classes, "class") if wants_class else None
-        entry = self._run_image(image, budget)
-        explanation_id = self._remember(entry)
+        explanation_id, entry = self._explained(image, budget)
         target = int(np.argmax(entry.logits)) if requested is None else requested
         chosen = explain.top_contributors(self.spec.weight, entry.scores, target, k)
         budget.check("heatmaps")

@@ -25,6 +25,11 @@ class ModelVersions:
         self.config = config
         self.metrics = metrics
         self._refused_versions: set[int] = set()
+        from .ids import ExplanationIds
+
+        self.ids = ExplanationIds.from_env(config.id_key)  # one key for every version (the version is hashed)
+        log.info("explanation ids: %s", "keyed by the deployment's key (shared across replicas)" if self.ids.shared
+                 else "random per-process key (set --id-key or SALF_ID_KEY to share ids across replicas)")
 
     def make_gateway(self, spec, backend: Backend) -> Gateway:
         """A :class:`Gateway` for one model version, with a cache of its own (an explanation_id belongs to
@@ -41,7 +46,7 @@ class ModelVersions:
         from .drift import DriftTracker
 
         tracker = DriftTracker(spec.concepts, spec.concept_hist, c.drift_window, c.drift_top) if c.drift_window else None
-        return Gateway(spec, backend, cache, c.limits, tracker, self.metrics)
+        return Gateway(spec, backend, cache, c.limits, tracker, self.metrics, self.ids)
 
     def make_backend(self, spec) -> Backend:
         observe = lambda backend, model, seconds: self.metrics.backend_latency.labels(backend, model).observe(seconds)

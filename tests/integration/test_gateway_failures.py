@@ -179,9 +179,12 @@ def test_explanation_ids_are_evicted_and_expire(exported_repo, pb):
     try:
         with grpc.insecure_channel(gw.url) as channel:
             stub = _stub(channel)
-            explain = lambda: stub.Explain(pb.ExplainRequest(image=PNG, heatmaps=pb.HEATMAP_FORMAT_NONE), timeout=10)
+            from tests.fixtures.gateway import encode, sample_image
+
+            explain = lambda png: stub.Explain(pb.ExplainRequest(image=png, heatmaps=pb.HEATMAP_FORMAT_NONE), timeout=10)
             by_id = lambda eid: stub.ExplainRegion(pb.ExplainRegionRequest(explanation_id=eid, region=region), timeout=10)
-            first, second = explain().explanation_id, explain().explanation_id
+            # two images: ids are content-addressed, the same image twice is one entry
+            first, second = explain(PNG).explanation_id, explain(encode(sample_image(5))).explanation_id
             assert by_id(second).explanation_id == second
             with pytest.raises(grpc.RpcError) as info:
                 by_id(first)  # evicted: the cache holds one entry
