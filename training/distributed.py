@@ -93,25 +93,26 @@ def _comm_device(t: torch.Tensor) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of ``t`` over the ranks (a new tensor on ``t``'s device; ``t`` itself when there is one rank)."""
+def _all_reduce(t: torch.Tensor, op_name: str) -> torch.Tensor:
+    """``t`` reduced with ``ReduceOp.<op_name>`` over the ranks (a new tensor on ``t``'s device; ``t`` itself
+    when there is one rank)."""
     if rank_world()[1] == 1:
         return t
     import torch.distributed as dist
 
     buf = t.detach().to(_comm_device(t)).clone()
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    dist.all_reduce(buf, op=getattr(dist.ReduceOp, op_name))
     return buf.to(t.device)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over the ranks."""
+    return _all_reduce(t, "SUM")
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if rank_world()[1] == 1:
-        return t
-    import torch.distributed as dist
-
-    buf = t.detach().to(_comm_device(t)).clone()
-    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
-    return buf.to(t.device)
+    """Elementwise maximum of ``t`` over the ranks."""
+    return _all_reduce(t, "MAX")
 
 
 def differentiable_sum(t: torch.Tensor) -> torch.Tensor:
