@@ -15,7 +15,11 @@ Responses are the generated protobuf messages (``salf/v1/gateway.proto`` documen
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -28,6 +32,28 @@ log = logging.getLogger(__name__)
 
 class GatewayUnavailable(RuntimeError):
     """The gateway (or its inference backend) cannot be reached or is not ready."""
+
+
+# Request metadata a balancer hashes on (deploy/envoy.yaml: ring_hash on this header): an Explain and every
+# follow-up of its explanation carry the same key, so they reach the gateway that holds the maps.
+AFFINITY_HEADER = "x-salf-affinity"
+
+# gRPC retries (the channel's service config): UNAVAILABLE (a gateway restarting or draining, a balancer
+# with no healthy upstream for a moment) is retried up to 3 more times with backoff, within the call's
+# deadline. Every salf.v1 RPC only reads (the explanation cache is a cache), so a retry is always safe.
+RETRY_SERVICE_CONFIG = {
+    "methodConfig": [{
+        "name": [{"service": "salf.v1.Gateway"}],
+        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.05s", "maxBackoff": "1s", "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+}
+
+
+def affinity_key(image: bytes) -> str:
+    """The affinity key of an image: a digest of its encoded bytes (what the client has before the gateway
+    answers; the explanation id itself is a keyed hash of the decoded pixels that only the gateway can make)."""
+    return hashlib.sha256(image).hexdigest()[:32]
 
 
 class SalfClient:
@@ -43,7 +69,8 @@ class SalfClient:
         # Reconnect within 2 s of a restarted gateway (gRPC's default backoff grows to 120 s): a long-lived
         # client such as `salfctl ui` would otherwise answer UNAVAILABLE for minutes after it is back.
         options = [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
-                   ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000)]
+                   ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000),
+                   ("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(RETRY_SERVICE_CONFIG))]
         if ca_cert is not None or tls:
             roots = Path(ca_cert).read_bytes() if ca_cert is not None else None
             self.channel = grpc.secure_channel(url, grpc.ssl_channel_credentials(root_certificates=roots), options)
@@ -52,6 +79,10 @@ class SalfClient:
         self.stub = pb_grpc.GatewayStub(self.channel)
         self._server = _server
         self.info = None
+        # explanation id -> the affinity key its Explain was sent with (bounded; a follow-up of an id that is
+        # not here is keyed by the id itself)
+        self._affinity: OrderedDict[str, str] = OrderedDict()
+        self._affinity_lock = threading.Lock()
 
     # ---------------------------------------------------------- construction
 
@@ -114,16 +145,36 @@ class SalfClient:
     # for the channel's reconnection (at most 2 s away) instead of failing; every RPC is idempotent.
     reconnect_wait: float = 0.0
 
-    def _call(self, method, request, timeout: float | None):
+    AFFINITY_MEMORY = 4096  # explanation ids whose affinity key is remembered
+
+    def affinity_for(self, explanation_id: str = "", image: bytes = b"") -> str:
+        """The affinity key of a call about ``explanation_id`` and/or ``image``: the key its Explain was sent
+        with when this client made it, else the image's digest, else the id."""
+        if explanation_id:
+            with self._affinity_lock:
+                known = self._affinity.get(explanation_id)
+            if known is not None:
+                return known
+        return affinity_key(image) if image else explanation_id
+
+    def _remember(self, explanation_id: str, key: str) -> None:
+        with self._affinity_lock:
+            self._affinity[explanation_id] = key
+            self._affinity.move_to_end(explanation_id)
+            while len(self._affinity) > self.AFFINITY_MEMORY:
+                self._affinity.popitem(last=False)
+
+    def _call(self, method, request, timeout: float | None, affinity: str = ""):
         timeout = self.timeout if timeout is None else timeout
+        metadata = self._metadata + (((AFFINITY_HEADER, affinity),) if affinity else ())
         try:
-            return method(request, timeout=timeout, metadata=self._metadata)
+            return method(request, timeout=timeout, metadata=metadata)
         except grpc.RpcError as exc:
             if self.reconnect_wait <= 0 or exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
             unavailable = exc
         try:
-            return method(request, timeout=min(timeout, self.reconnect_wait), metadata=self._metadata,
+            return method(request, timeout=min(timeout, self.reconnect_wait), metadata=metadata,
                           wait_for_ready=True)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -136,15 +187,20 @@ class SalfClient:
     def class_rules(self, class_name: str = "", timeout: float | None = None):
         return self._call(self.stub.GetClassRules, self.pb.GetClassRulesRequest(class_name=class_name), timeout)
 
-    def predict(self, image: bytes, top_k: int = 0, timeout: float | None = None):
-        return self._call(self.stub.Predict, self.pb.PredictRequest(image=image, top_k=top_k), timeout)
+    def predict(self, image: bytes, top_k: int = 0, timeout: float | None = None, concept_scores: bool = False):
+        """``concept_scores``: also every concept's c* (``response.concept_scores``), without an explanation."""
+        return self._call(self.stub.Predict, self.pb.PredictRequest(image=image, top_k=top_k,
+                                                                    concept_scores=concept_scores), timeout)
 
     def explain(self, image: bytes, class_name: str | None = None, class_index: int | None = None, top_k: int = 0,
                 heatmaps: str = "png", timeout: float | None = None, concepts: Sequence[str] = ()):
         """``heatmaps``: "png", "float16", "both" or "none". ``concepts``: also return these concepts' maps
-        (``response.requested``)."""
-        return self._call(self.stub.Explain, self.explain_request(image, class_name, class_index, top_k, heatmaps,
-                                                                  concepts), timeout)
+        (``response.requested``). Sent with the image's affinity key, which the explanation's follow-ups reuse."""
+        key = affinity_key(image)
+        response = self._call(self.stub.Explain, self.explain_request(image, class_name, class_index, top_k, heatmaps,
+                                                                      concepts), timeout, affinity=key)
+        self._remember(response.explanation_id, key)
+        return response
 
     def explain_request(self, image: bytes, class_name: str | None = None, class_index: int | None = None,
                         top_k: int = 0, heatmaps: str = "png", concepts: Sequence[str] = ()):
@@ -194,7 +250,7 @@ class SalfClient:
     def explain_region(self, region, explanation_id: str = "", image: bytes = b"", top_k: int = 0,
                        timeout: float | None = None):
         req = self.pb.ExplainRegionRequest(explanation_id=explanation_id, image=image, region=region, top_k=top_k)
-        return self._call(self.stub.ExplainRegion, req, timeout)
+        return self._call(self.stub.ExplainRegion, req, timeout, affinity=self.affinity_for(explanation_id, image))
 
     def edit(self, region, beta: float, concept: str | int):
         """A ``ConceptEdit``: concept by name (str) or index (int)."""
@@ -208,7 +264,7 @@ class SalfClient:
     def intervene(self, edits: list, explanation_id: str = "", image: bytes = b"", top_k: int = 0,
                   timeout: float | None = None):
         req = self.pb.InterveneRequest(explanation_id=explanation_id, image=image, edits=edits, top_k=top_k)
-        return self._call(self.stub.Intervene, req, timeout)
+        return self._call(self.stub.Intervene, req, timeout, affinity=self.affinity_for(explanation_id, image))
 
 
 def by_explanation_id(call, explanation_id: str, image: bytes):

@@ -11,6 +11,9 @@ Python it runs (``make triton-env``); it imports nothing from this repository.
   in ONE onnxruntime call (this is where Triton's dynamic batching pays off), then split back. It
   returns exactly one response per request, in order; a bad request gets its own error response.
   Only a fault of the whole model raises.
+- Each response carries the outputs its request asked for (all of them when it named none): the
+  gateway's Predict asks ``salf_cbm`` for scores and logits only, so the concept maps (952 KB per image
+  at the paper's size) are neither copied into the response nor sent.
 """
 import json
 import os
@@ -84,9 +87,18 @@ class TritonPythonModel:
             feeds[name] = array
         return feeds, batch
 
-    def _response(self, outputs):
+    def _wanted(self, request):
+        """The outputs ``request`` asked for, in the config's order; all of them when it named none."""
+        names = set(request.requested_output_names() or ())
+        unknown = names - set(self.outputs)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown output(s) {sorted(unknown)}; the model has {self.outputs}")
+        return [o for o in self.outputs if o in names] or list(self.outputs)
+
+    @staticmethod
+    def _response(names, outputs):
         return pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in zip(self.outputs, outputs)])
+            output_tensors=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in zip(names, outputs)])
 
     @staticmethod
     def _error(message):
@@ -94,14 +106,15 @@ class TritonPythonModel:
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        good = []  # (request index, feeds, batch size)
+        good = []  # (request index, feeds, batch size, wanted outputs)
         for i, request in enumerate(requests):
             try:
                 feeds, batch = self._read(request)
+                wanted = self._wanted(request)
             except ValueError as exc:
                 responses[i] = self._error(str(exc))
                 continue
-            good.append((i, feeds, batch))
+            good.append((i, feeds, batch, wanted))
         if good:
             try:
                 self._run_merged(good, responses)
@@ -113,17 +126,19 @@ class TritonPythonModel:
 
     def _run_merged(self, good, responses):
         names = [name for name, _, _ in self.inputs]
-        feeds = {n: np.concatenate([f[n] for _, f, _ in good], axis=0) for n in names}
-        outputs = self.session.run(self.outputs, feeds)
+        feeds = {n: np.concatenate([f[n] for _, f, _, _ in good], axis=0) for n in names}
+        needed = set().union(*(wanted for _, _, _, wanted in good))
+        run = [o for o in self.outputs if o in needed]
+        outputs = dict(zip(run, self.session.run(run, feeds)))
         start = 0
-        for i, _, batch in good:
-            responses[i] = self._response([o[start:start + batch] for o in outputs])
+        for i, _, batch, wanted in good:
+            responses[i] = self._response(wanted, [outputs[o][start:start + batch] for o in wanted])
             start += batch
 
     def _run_each(self, good, responses):
-        for i, feeds, _ in good:
+        for i, feeds, _, wanted in good:
             try:
-                responses[i] = self._response(self.session.run(self.outputs, feeds))
+                responses[i] = self._response(wanted, self.session.run(wanted, feeds))
             except Exception as exc:  # noqa: BLE001
                 responses[i] = self._error(f"{self.name}: inference failed: {exc}")
 

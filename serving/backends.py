@@ -1,6 +1,8 @@
 """Inference backends of the gateway (docs/DESIGN.md, "Gateway"), numpy in and out:
 
 ``infer(images uint8 [B, H, W, 3]) -> (concept_maps [B, M, Gh, Gw], concept_scores [B, M], logits [B, L])``
+``infer(images, maps=False) -> (None, concept_scores, logits)``: what Predict needs, without the maps (at the
+paper's size 952 KB of the 976 KB Triton would send per image)
 ``infer_head(concept_maps float32 [B, M, Gh, Gw]) -> (concept_scores [B, M], logits [B, L])``
 
 :class:`Backend` does the shared work (I/O names, deadline bookkeeping, latency metrics); each
@@ -17,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from salf.contract.repository import CBM_MODEL, CBM_OUTPUTS, CONCEPT_MAPS, HEAD_MODEL, HEAD_OUTPUTS, ModelSpec
+from salf.contract.repository import CONCEPT_SCORES, LOGITS
 from salf.contract.repository import CONCEPT_MAPS as HEAD_INPUT, IMAGE as CBM_INPUT
 
 from .budget import ALARMS
@@ -24,10 +27,14 @@ from .errors import BackendUnavailable, DeadlineExceeded
 
 log = logging.getLogger(__name__)
 
+SCORE_OUTPUTS = (CONCEPT_SCORES, LOGITS)  # salf_cbm without its concept maps (Predict)
+
 RECONNECT_CHANNEL_ARGS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
                           ("grpc.max_reconnect_backoff_ms", 1000)]
 
-LatencyObserver = Callable[[str, str, float], None]  # (backend, model, seconds)
+# (backend, model, seconds, bytes received): Triton's response message as it came over the wire, or the
+# embedded session's output tensors.
+LatencyObserver = Callable[[str, str, float, int], None]
 
 
 class Backend:
@@ -38,15 +45,20 @@ class Backend:
     def __init__(self, spec: ModelSpec, target: str, observe: LatencyObserver | None = None) -> None:
         self.spec = spec
         self.target = target
-        self._observe = observe or (lambda backend, model, seconds: None)
+        self._observe = observe or (lambda backend, model, seconds, received: None)
 
-    def infer(self, images: np.ndarray, timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Full model on uint8 ``[B, H, W, 3]`` images at the model's input size."""
+    def infer(self, images: np.ndarray, timeout_s: float | None = None, maps: bool = True
+              ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """Full model on uint8 ``[B, H, W, 3]`` images at the model's input size. ``maps=False`` asks the
+        backend for the scores and logits only (the maps come back as None)."""
         h, w = self.spec.input_size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (h, w, 3):
             raise ValueError(f"backend input must be uint8 [B, {h}, {w}, 3], got {images.dtype} {images.shape}")
-        maps, scores, logits = self._timed(CBM_MODEL, {CBM_INPUT: images}, CBM_OUTPUTS, timeout_s)
-        return maps, scores, logits
+        if not maps:
+            scores, logits = self._timed(CBM_MODEL, {CBM_INPUT: images}, SCORE_OUTPUTS, timeout_s)
+            return None, scores, logits
+        concept_maps, scores, logits = self._timed(CBM_MODEL, {CBM_INPUT: images}, CBM_OUTPUTS, timeout_s)
+        return concept_maps, scores, logits
 
     def infer_head(self, maps: np.ndarray, timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Head only (what intervention re-runs) on ``[B, M, Gh, Gw]`` concept maps, sent in the model's
@@ -65,13 +77,14 @@ class Backend:
         if timeout_s is not None and timeout_s <= 0:
             raise DeadlineExceeded(f"the request's deadline passed before {model} ran")
         start = time.perf_counter()
-        result = self._run(model, feeds, outputs, timeout_s)
-        self._observe(self.name, model, time.perf_counter() - start)
+        result, received = self._run(model, feeds, outputs, timeout_s)
+        self._observe(self.name, model, time.perf_counter() - start, received)
         return [np.asarray(r, dtype=self.spec.maps_dtype if name == CONCEPT_MAPS else np.float32)
                 for name, r in zip(outputs, result)]
 
     def _run(self, model: str, feeds: dict[str, np.ndarray], outputs: tuple[str, ...],
-             timeout_s: float | None) -> list[np.ndarray]:
+             timeout_s: float | None) -> tuple[list[np.ndarray], int]:
+        """``outputs`` in order, and the bytes received for them."""
         raise NotImplementedError
 
     def ready(self, timeout_s: float = 1.0) -> bool:
@@ -130,7 +143,8 @@ class EmbeddedBackend(Backend):
         if timeout_s is not None:
             timer = ALARMS.arm(timeout_s, lambda: setattr(options, "terminate", True))
         try:
-            return self._sessions[model].run(list(outputs), feeds, run_options=options)
+            result = self._sessions[model].run(list(outputs), feeds, run_options=options)
+            return result, sum(int(r.nbytes) for r in result)
         except Exception as exc:
             if options.terminate:
                 raise DeadlineExceeded(f"{model} was cancelled: the request's deadline passed") from exc
@@ -183,7 +197,9 @@ class TritonBackend(Backend):
                                         model_version=str(self.spec.version))
         except InferenceServerException as exc:
             raise _translate(exc, model, self.target) from exc
-        return [result.as_numpy(o) for o in outputs]
+        # Only the requested outputs come back (the python-backend model honours the request too): the
+        # message's size is what the gateway received.
+        return [result.as_numpy(o) for o in outputs], int(result.get_response().ByteSize())
 
     def ready(self, timeout_s: float = 1.0) -> bool:
         from tritonclient.utils import InferenceServerException

@@ -31,6 +31,10 @@ def serve(
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert."),
     cache_size: int = typer.Option(1024, "--cache-size", help="Explanations kept for ExplainRegion/Intervene."),
     cache_ttl: float = typer.Option(900.0, "--cache-ttl", help="Seconds an explanation_id stays valid."),
+    cache: str = typer.Option("local", "--cache", help="Where explanations live: 'local' (this process) or "
+                                                      "redis://HOST:PORT/DB, shared by every replica with the same "
+                                                      "--id-key (the local cache stays the first level; a Redis "
+                                                      "outage falls back to it)."),
     cache_mb: int = typer.Option(256, "--cache-mb", help="And at most this many MB of cached concept maps (an "
                                                          "explanation at the paper's size holds 930 KB)."),
     max_in_flight: int = typer.Option(64, "--max-in-flight",
@@ -80,7 +84,7 @@ def serve(
                              stream_window=stream_window,
                              max_streams_per_connection=max_streams, max_connection_idle_s=max_connection_idle,
                              max_connection_age_s=max_connection_age, limits=Limits(max_pixels=max_pixels),
-                             drift_window=drift_window, drift_top=drift_top, device=device, id_key=id_key)
+                             drift_window=drift_window, drift_top=drift_top, device=device, id_key=id_key, cache=cache)
         server = GatewayServer(config).start()
     except (OSError, ValueError) as exc:  # RepositoryError is a ValueError; a taken port an OSError
         fail(f"cannot start the gateway: {exc}", EXIT_USAGE)

@@ -46,6 +46,9 @@ class ServeConfig:
     # The key of content-addressed explanation ids (serving/ids.py): every replica behind one balancer must
     # share it. None: $SALF_ID_KEY, else a random key per process (ids stable within one replica only).
     id_key: str | None = None
+    # Where explanations live: "local" (this process only) or redis://HOST:PORT/DB, shared by the replicas
+    # (serving/store.py), with the local cache as the first level.
+    cache: str = "local"
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -54,6 +57,10 @@ class ServeConfig:
             raise ValueError(f"stream_idle_s must be > 0, got {self.stream_idle_s}")
         if self.stream_window < 1:
             raise ValueError(f"stream_window must be >= 1, got {self.stream_window}")
+        if self.cache != "local":
+            from .store import check_url
+
+            check_url(self.cache)
 
     def grpc_options(self) -> list[tuple[str, int]]:
         size = self.max_message_mb * 1024 * 1024

@@ -83,9 +83,10 @@ class GatewayServicer:
 
     def Predict(self, request, budget):
         g = self.gateway  # one version answers the whole call, even if a new one is switched in meanwhile
-        classes, size = g.predict(request.image, request.top_k, budget)
-        return self.pb.PredictResponse(classes=[class_score_pb(self.pb, c) for c in classes],
-                                       image_height=size[0], image_width=size[1], model_version=g.spec.version)
+        r = g.predict(request.image, request.top_k, budget, concept_scores=request.concept_scores)
+        return self.pb.PredictResponse(classes=[class_score_pb(self.pb, c) for c in r.classes],
+                                       image_height=r.size[0], image_width=r.size[1], model_version=g.spec.version,
+                                       concept_scores=[] if r.concept_scores is None else r.concept_scores.tolist())
 
     def Explain(self, request, budget):
         pb = self.pb

@@ -28,8 +28,19 @@ class GatewayMetrics:
         self.in_flight = Gauge("salf_gateway_in_flight_requests", "gRPC requests being served", ["method"], registry=r)
         self.backend_latency = Histogram("salf_gateway_backend_seconds", "inference backend latency by model",
                                          ["backend", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.backend_bytes = Counter("salf_gateway_backend_received_bytes", "bytes received from the inference "
+                                     "backend by model (Triton: response messages; embedded: output tensors)",
+                                     ["backend", "model"], registry=r)
         self.cache_hits = Counter("salf_gateway_cache_hits", "concept-map cache hits", registry=r)
         self.cache_misses = Counter("salf_gateway_cache_misses", "concept-map cache misses", registry=r)
+        # The shared explanation store (serving/store.py, --cache redis://): second-level hits and misses, errors
+        # by operation (get/put: outage, decode: a foreign entry) and whether it is in use now.
+        self.store_hits = Counter("salf_gateway_store_hits", "explanation store hits (local cache missed)", registry=r)
+        self.store_misses = Counter("salf_gateway_store_misses", "explanation store misses", registry=r)
+        self.store_errors = Counter("salf_gateway_store_errors", "explanation store failures by operation; each "
+                                    "request still served from the local cache", ["op"], registry=r)
+        self.store_up = Gauge("salf_gateway_store_up", "1 while the explanation store is in use, 0 while it is "
+                              "skipped after a failure (no store configured: absent)", registry=r)
         self.model_info = Info("salf_gateway_model", "the served SALF-CBM model", registry=r)
         # Concept drift (serving/drift.py): bounded label sets, never one series per concept or class.
         self.concept_abs_z = Histogram("salf_gateway_concept_abs_z", "per request: mean |z| of its standardised "
@@ -47,6 +58,10 @@ class GatewayMetrics:
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method, code).inc()
         self.latency.labels(method, code).observe(seconds)
+
+    def observe_backend(self, backend: str, model: str, seconds: float, received: int) -> None:
+        self.backend_latency.labels(backend, model).observe(seconds)
+        self.backend_bytes.labels(backend, model).inc(received)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Start the ``/metrics`` HTTP endpoint; returns the bound port (``port=0`` picks a free one)."""

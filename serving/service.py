@@ -94,14 +94,22 @@ class Activation:
 @dataclass(frozen=True)
 class CachedMaps:
     """What an ``explanation_id`` refers to: ``maps [M, Gh, Gw]`` in the model's maps dtype (float32 or
-    float16), ``scores [M]`` and ``logits [L]`` float32, and the image's own ``size (h, w)``."""
-    maps: np.ndarray
+    float16), ``scores [M]`` and ``logits [L]`` float32, and the image's own ``size (h, w)``. (A Predict's
+    forward has ``maps=None`` and is never cached.)"""
+    maps: np.ndarray | None
     scores: np.ndarray
     logits: np.ndarray
     size: tuple[int, int]
 
     def nbytes(self) -> int:
         return self.maps.nbytes + self.scores.nbytes + self.logits.nbytes
+
+
+@dataclass
+class PredictResult:
+    classes: list[ClassScore]
+    size: tuple[int, int]
+    concept_scores: np.ndarray | None = None  # [M] float32 c*, when asked for
 
 
 @dataclass
@@ -183,14 +191,13 @@ class Gateway:
         budget.check("decoding the image")
         return decode_image(image, self.spec.input_size, self.limits.max_pixels)
 
-    def _infer(self, decoded, budget: Budget) -> CachedMaps:
-        maps, scores, logits = self.backend.infer(decoded.model_input[None], budget.left("inference"))
+    def _infer(self, decoded, budget: Budget, maps: bool = True) -> CachedMaps:
+        """The forward pass; ``maps=False`` (Predict) asks the backend for scores and logits only, and the
+        entry's ``maps`` is then None (never cached)."""
+        concept_maps, scores, logits = self.backend.infer(decoded.model_input[None], budget.left("inference"), maps=maps)
         if self.drift is not None:
             self.drift.observe(scores[0], self.metrics)
-        return CachedMaps(maps[0], scores[0], logits[0], decoded.size)
-
-    def _run_image(self, image: bytes, budget: Budget) -> CachedMaps:
-        return self._infer(self._decode(image, budget), budget)
+        return CachedMaps(None if concept_maps is None else concept_maps[0], scores[0], logits[0], decoded.size)
 
     def _explained(self, image: bytes, budget: Budget) -> tuple[str, CachedMaps]:
         """The image's content-addressed id and its maps: from the cache when this replica already holds
@@ -261,14 +268,16 @@ class Gateway:
 
     # ---------------------------------------------------------- RPCs
 
-    def predict(self, image: bytes, top_k: int = 0, timeout_s: float | Budget | None = None
-                ) -> tuple[list[ClassScore], tuple[int, int]]:
-        """``timeout_s``: seconds, or the request's :class:`Budget` (deadline and cancellation); the same
-        for every RPC below."""
+    def predict(self, image: bytes, top_k: int = 0, timeout_s: float | Budget | None = None,
+                concept_scores: bool = False) -> PredictResult:
+        """The top-k classes; ``concept_scores``: also every concept's global activation c*. No concept maps
+        travel from the backend and nothing is cached: an explanation is Explain's job. ``timeout_s``:
+        seconds, or the request's :class:`Budget` (deadline and cancellation); the same for every RPC below."""
         budget = as_budget(timeout_s)
         k = resolve_top_k(top_k, self.spec.num_classes, "classes")
-        entry = self._run_image(image, budget)
-        return self._class_scores(entry.logits, k=k), entry.size
+        entry = self._infer(self._decode(image, budget), budget, maps=False)
+        return PredictResult(self._class_scores(entry.logits, k=k), entry.size,
+                             entry.scores if concept_scores else None)
 
     def explain(self, image: bytes, class_name: str | None = None, class_index: int | None = None,
                 top_k: int = 0, heatmaps: bool = True, timeout_s: float | Budget | None = None,

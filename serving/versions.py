@@ -30,6 +30,16 @@ class ModelVersions:
         self.ids = ExplanationIds.from_env(config.id_key)  # one key for every version (the version is hashed)
         log.info("explanation ids: %s", "keyed by the deployment's key (shared across replicas)" if self.ids.shared
                  else "random per-process key (set --id-key or SALF_ID_KEY to share ids across replicas)")
+        self.store = self.store_health = None
+        if config.cache != "local":
+            from .store import RedisStore, StoreHealth
+
+            if not self.ids.shared:
+                log.warning("--cache %s without --id-key/SALF_ID_KEY: no other replica computes this one's ids, so "
+                            "the store is shared by nobody", config.cache)
+            self.store = RedisStore(config.cache, config.cache_ttl_s)
+            self.store_health = StoreHealth(config.cache, metrics)
+            log.info("explanation store: %s (local cache first)", config.cache)
 
     def make_gateway(self, spec, backend: Backend) -> Gateway:
         """A :class:`Gateway` for one model version, with a cache of its own (an explanation_id belongs to
@@ -46,10 +56,14 @@ class ModelVersions:
         from .drift import DriftTracker
 
         tracker = DriftTracker(spec.concepts, spec.concept_hist, c.drift_window, c.drift_top) if c.drift_window else None
+        if self.store is not None:
+            from .store import TieredCache
+
+            cache = TieredCache(cache, self.store, self.store_health)
         return Gateway(spec, backend, cache, c.limits, tracker, self.metrics, self.ids)
 
     def make_backend(self, spec) -> Backend:
-        observe = lambda backend, model, seconds: self.metrics.backend_latency.labels(backend, model).observe(seconds)
+        observe = self.metrics.observe_backend
         if self.config.triton_url:
             return TritonBackend(spec, self.config.triton_url, observe=observe)
         return EmbeddedBackend(spec, device=self.config.device, observe=observe)

@@ -232,8 +232,8 @@ class Explorer:
 
     def gallery(self, concept: str, k: int = 8) -> dict:
         """The folder's ``k`` images with the highest global activation c* of ``concept`` (paper 4.3).
-        The first call scores every folder image (one Explain each, 4 in flight, all concepts' c*
-        kept), later calls sort the kept scores; a new model version scores again."""
+        The first call scores every folder image (one Predict with concept scores each, 4 in flight, all
+        concepts' c* kept; no explanation is cached for them), later calls sort the kept scores; a new model version scores again."""
         names = list(self.client.info.concepts)
         if concept not in names:
             raise UserError(f"unknown concept {concept!r}")
@@ -254,8 +254,9 @@ class Explorer:
             todo = [i for i in range(len(self.files)) if i not in self._scores]
 
             def score(i: int):
-                r = self.client.explain(self.files[i].read_bytes(), heatmaps="none", top_k=1, concepts=names)
-                return i, np.array([c.score for c in r.requested], np.float32)
+                # Predict: no concept maps from Triton, nothing put in the gateway's explanation cache
+                r = self.client.predict(self.files[i].read_bytes(), top_k=1, concept_scores=True)
+                return i, np.asarray(r.concept_scores, np.float32)
 
             with ThreadPoolExecutor(max_workers=4) as pool:
                 for fut in [pool.submit(score, i) for i in todo]:
