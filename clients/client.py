@@ -50,6 +50,16 @@ RETRY_SERVICE_CONFIG = {
 }
 
 
+REPLICA_HEADER = "x-salf-replica"  # the gateway names itself in every answer's initial metadata
+
+
+def _replica_of(call) -> str:
+    try:
+        return dict(call.initial_metadata() or ()).get(REPLICA_HEADER, "")
+    except Exception:  # noqa: BLE001 - an error raised before any metadata arrived
+        return ""
+
+
 def affinity_key(image: bytes) -> str:
     """The affinity key of an image: a digest of its encoded bytes (what the client has before the gateway
     answers; the explanation id itself is a keyed hash of the decoded pixels that only the gateway can make)."""
@@ -83,6 +93,7 @@ class SalfClient:
         # not here is keyed by the id itself)
         self._affinity: OrderedDict[str, str] = OrderedDict()
         self._affinity_lock = threading.Lock()
+        self._last = threading.local()
 
     # ---------------------------------------------------------- construction
 
@@ -164,18 +175,33 @@ class SalfClient:
             while len(self._affinity) > self.AFFINITY_MEMORY:
                 self._affinity.popitem(last=False)
 
+    @property
+    def last_replica(self) -> str:
+        """The replica (x-salf-replica) that answered this thread's last call, or failed it; "" if unknown."""
+        return getattr(self._last, "replica", "")
+
+    def _invoke(self, method, request, **kw):
+        self._last.replica = ""
+        try:
+            response, call = method.with_call(request, **kw)
+        except grpc.RpcError as exc:
+            self._last.replica = _replica_of(exc)
+            raise
+        self._last.replica = _replica_of(call)
+        return response
+
     def _call(self, method, request, timeout: float | None, affinity: str = ""):
         timeout = self.timeout if timeout is None else timeout
         metadata = self._metadata + (((AFFINITY_HEADER, affinity),) if affinity else ())
         try:
-            return method(request, timeout=timeout, metadata=metadata)
+            return self._invoke(method, request, timeout=timeout, metadata=metadata)
         except grpc.RpcError as exc:
             if self.reconnect_wait <= 0 or exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
             unavailable = exc
         try:
-            return method(request, timeout=min(timeout, self.reconnect_wait), metadata=metadata,
-                          wait_for_ready=True)
+            return self._invoke(method, request, timeout=min(timeout, self.reconnect_wait), metadata=metadata,
+                                wait_for_ready=True)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise unavailable from None  # still down: the first error says why

@@ -34,6 +34,11 @@ from .status import request_timeout, status_for
 log = logging.getLogger(__name__)
 
 
+# Initial metadata of every Gateway call: the replica that answered (`salfctl serve --replica-name`, default
+# HOSTNAME:PORT, the pod's name under Kubernetes), for logs and for tests behind a balancer.
+REPLICA_HEADER = "x-salf-replica"
+
+
 class Boundary:
     """Admission, idle-stream timeout, parsing, the inference pool, metrics and status codes for every
     Gateway RPC (module docstring)."""
@@ -47,6 +52,8 @@ class Boundary:
         self.in_flight = 0  # touched only on the event loop
         self.draining = False  # set on shutdown: new calls are refused with UNAVAILABLE
         self._waiters: collections.deque[asyncio.Future] = collections.deque()  # stream items waiting for a slot
+        # Sent as initial metadata of every call (REPLICA_HEADER): which replica answered, behind a balancer.
+        self.replica = ""
 
     def handler(self, method: str, request_type, response_type, behavior) -> grpc.RpcMethodHandler:
         async def call(request_iterator, context):
@@ -76,6 +83,8 @@ class Boundary:
         code, message = grpc.StatusCode.OK, ""
         budget = Budget(request_timeout(context))
         admitted = False
+        if self.replica:
+            await context.send_initial_metadata(((REPLICA_HEADER, self.replica),))
         try:
             # The message first: a call that is still waiting for its body is no work yet and does not
             # count against the in-flight limit (it costs the event loop a few hundred bytes).
@@ -154,6 +163,8 @@ class Boundary:
         start = time.perf_counter()
         code, message = grpc.StatusCode.OK, ""
         budget = Budget(request_timeout(context))  # the whole stream's deadline, shared by its items
+        if self.replica:
+            await context.send_initial_metadata(((REPLICA_HEADER, self.replica),))
         messages = request_iterator.__aiter__()
         window: int | None = None
         items: set[asyncio.Task] = set()

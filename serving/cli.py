@@ -57,11 +57,16 @@ def serve(
     drift_window: int = typer.Option(256, "--drift-window", help="Requests in the concept-drift window "
                                                                   "(0 turns drift tracking off)."),
     drift_top: int = typer.Option(5, "--drift-top", help="Most drifting concepts exported to Prometheus."),
+    drift_tracked: int = typer.Option(16, "--drift-tracked", help="Concepts (largest total |weight|) whose z-bin "
+                                                                  "counts are exported: they add up across replicas "
+                                                                  "(14 series each)."),
     device: str = typer.Option("cpu", "--device", help="Embedded backend: cpu or cuda (falls back to cpu)."),
     id_key: Optional[str] = typer.Option(None, "--id-key", envvar="SALF_ID_KEY", show_envvar=True,
                                          help="Secret key of content-addressed explanation ids (>= 16 characters): "
                                               "replicas sharing it give the same image the same id. Unset: a random "
                                               "key per process (one replica)."),
+    replica_name: Optional[str] = typer.Option(None, "--replica-name", help="Sent as x-salf-replica metadata with "
+                                                                            "every answer (default HOSTNAME:PORT)."),
     log_level: Optional[str] = typer.Option(None, "--log-level",
                                             help="DEBUG, INFO (default), WARNING or ERROR; overrides -v/-q."),
 ) -> None:
@@ -84,7 +89,8 @@ def serve(
                              stream_window=stream_window,
                              max_streams_per_connection=max_streams, max_connection_idle_s=max_connection_idle,
                              max_connection_age_s=max_connection_age, limits=Limits(max_pixels=max_pixels),
-                             drift_window=drift_window, drift_top=drift_top, device=device, id_key=id_key, cache=cache)
+                             drift_window=drift_window, drift_top=drift_top, drift_tracked=drift_tracked, device=device, id_key=id_key, cache=cache,
+                             replica_name=replica_name)
         server = GatewayServer(config).start()
     except (OSError, ValueError) as exc:  # RepositoryError is a ValueError; a taken port an OSError
         fail(f"cannot start the gateway: {exc}", EXIT_USAGE)

@@ -38,6 +38,7 @@ class ServeConfig:
     poll_interval_s: float = 5.0
     drift_window: int = 256  # requests in the concept-drift window (0: no drift tracking)
     drift_top: int = 5  # drifting concepts exported
+    drift_tracked: int = 16  # concepts whose z-bin counts are exported (add up across replicas)
     drift_interval_s: float = 2.0  # how often the repository is checked for a new model version (0: never)
     # NumPy's BLAS threads for the explanation math (None: leave the process's setting). One: OpenBLAS's
     # pool spins after each product, and on two cores that halved the next forward's speed (paper size,
@@ -49,6 +50,7 @@ class ServeConfig:
     # Where explanations live: "local" (this process only) or redis://HOST:PORT/DB, shared by the replicas
     # (serving/store.py), with the local cache as the first level.
     cache: str = "local"
+    replica_name: str | None = None  # x-salf-replica of every answer; None: HOSTNAME:PORT
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:

@@ -7,6 +7,12 @@ thousands of concepts), next to a per-request histogram of mean |z| and a counte
 Per request the gateway only copies M floats into the window (and updates the two per-request
 series); the per-concept comparison runs every couple of seconds off the request path
 (:meth:`DriftTracker.publish`).
+
+Many replicas: a replica's PSI describes its own window and does not add up across replicas. What does
+is counts: for ``tracked`` concepts (the same on every replica: :func:`salf.contract.drift.tracked_concepts`)
+each request increments ``salf_gateway_drift_bin_requests_total{concept, bin}``, and the training shares are
+exported as ``salf_gateway_drift_train_share{concept, bin}``; summed over instances they give the deployment's
+PSI (deploy/prometheus/rules.yml, docs/monitoring.md).
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ from salf.contract import drift
 
 class DriftTracker:
     def __init__(self, concepts: tuple[str, ...], reference: np.ndarray | None, window: int = 256, top: int = 5,
-                 threshold: float = 2.0) -> None:
+                 threshold: float = 2.0, tracked: list[int] | tuple[int, ...] = (), metrics=None) -> None:
         self.concepts = concepts
         m = len(concepts)
         self.reference = np.asarray(reference, np.float64) if reference is not None else drift.normal_reference(m)
@@ -28,6 +34,17 @@ class DriftTracker:
         self.top, self.threshold = int(top), float(threshold)
         self._n = 0
         self._lock = threading.Lock()
+        self.tracked = np.asarray(tracked, np.int64)
+        self._bin_counters = None  # [tracked][bin] counter children, looked up once
+        if metrics is not None and len(self.tracked):
+            metrics.drift_bins.clear()
+            metrics.drift_train_share.clear()
+            self._bin_counters = []
+            for m in self.tracked:
+                name = concepts[m]
+                self._bin_counters.append([metrics.drift_bins.labels(name, str(b)) for b in range(drift.BINS)])
+                for b in range(drift.BINS):
+                    metrics.drift_train_share.labels(name, str(b)).set(float(self.reference[m, b]))
 
     def observe(self, scores: np.ndarray, metrics=None) -> None:
         """One request's standardised concept scores ``[M]``."""
@@ -39,6 +56,9 @@ class DriftTracker:
             metrics.concept_abs_z.observe(mean_abs)
             if mean_abs > self.threshold:
                 metrics.concept_shifted.inc()
+        if self._bin_counters is not None:
+            for counters, b in zip(self._bin_counters, drift.bin_index(scores[self.tracked])):
+                counters[b].inc()
 
     def report(self) -> list[tuple[str, float, float]]:
         """The ``top`` concepts by PSI over the window: ``(name, psi, window mean z)``, largest first."""

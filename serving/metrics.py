@@ -53,6 +53,11 @@ class GatewayMetrics:
                                ["rank", "concept"], registry=r)
         self.drift_mean_z = Gauge("salf_gateway_drift_mean_z", "window mean z of the top drifting concepts",
                                   ["rank", "concept"], registry=r)
+        # Across replicas (serving/drift.py): bin counts of a fixed set of concepts add up over instances.
+        self.drift_bins = Counter("salf_gateway_drift_bin_requests", "requests per z bin of the tracked concepts "
+                                  "(bins of salf/contract/drift.py EDGES, 0 = below -3)", ["concept", "bin"], registry=r)
+        self.drift_train_share = Gauge("salf_gateway_drift_train_share", "training images' share per z bin of the "
+                                       "tracked concepts", ["concept", "bin"], registry=r)
         self._http = None
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:

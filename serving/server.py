@@ -135,6 +135,9 @@ class GatewayServer:
             raise OSError(f"cannot bind the gateway to {address} (is another gateway listening there?)")
         await server.start()
         self._server, self.port = server, port
+        import socket
+
+        boundary.replica = c.replica_name or f"{socket.gethostname()}:{port}"
         # "" is liveness (the process answers); the service name is readiness (its backend can infer),
         # so a load balancer or a Kubernetes gRPC probe routes away while Triton is down.
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)

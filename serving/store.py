@@ -133,6 +133,8 @@ class StoreHealth:
         self._lock = threading.Lock()
         if metrics is not None:
             metrics.store_up.set(1)
+            for op in ("get", "put", "decode"):
+                metrics.store_errors.labels(op)  # every series from the start, at 0
 
     def usable(self) -> bool:
         with self._lock:

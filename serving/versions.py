@@ -55,7 +55,11 @@ class ModelVersions:
             "pooling": spec.pooling, "bundle_sha256": spec.bundle_sha256, "maps_dtype": spec.maps_dtype})
         from .drift import DriftTracker
 
-        tracker = DriftTracker(spec.concepts, spec.concept_hist, c.drift_window, c.drift_top) if c.drift_window else None
+        from salf.contract.drift import tracked_concepts
+
+        tracker = DriftTracker(spec.concepts, spec.concept_hist, c.drift_window, c.drift_top,
+                               tracked=tracked_concepts(spec.weight, c.drift_tracked),
+                               metrics=self.metrics) if c.drift_window else None
         if self.store is not None:
             from .store import TieredCache
 

@@ -57,3 +57,24 @@ def psi(train: np.ndarray, live: np.ndarray) -> np.ndarray:
     t = np.maximum(np.asarray(train, np.float64), FLOOR)
     s = np.maximum(np.asarray(live, np.float64), FLOOR)
     return ((s - t) * np.log(s / t)).sum(axis=1)
+
+
+def bin_index(scores: np.ndarray) -> np.ndarray:
+    """The z bin (0..BINS-1) of each score (the bins of :func:`bin_counts`)."""
+    return np.clip(np.searchsorted(EDGES, np.asarray(scores, np.float64), side="right") - 1, 0, BINS - 1)
+
+
+def tracked_concepts(weight: np.ndarray, n: int) -> list[int]:
+    """The ``n`` concepts whose bin counts every replica exports (the same on all of them, from the model alone):
+    the largest by total |weight| over the classes, the concepts the decisions lean on; ties by index."""
+    w = np.abs(np.asarray(weight, np.float64)).sum(axis=0)
+    order = np.argsort(-w, kind="stable")
+    return [int(i) for i in order[: max(0, min(int(n), len(w)))]]
+
+
+def psi_from_counts(train: np.ndarray, counts: np.ndarray, prior: float = PRIOR) -> np.ndarray:
+    """PSI per concept from live bin counts ``[M, BINS]`` (summed over replicas: counts add up, shares do not),
+    shrunk toward ``train`` like :func:`live_shares`: what deploy/prometheus/rules.yml computes in PromQL."""
+    counts = np.asarray(counts, np.float64)
+    n = counts.sum(axis=1, keepdims=True)
+    return psi(train, (counts + prior * np.asarray(train, np.float64)) / (n + prior))
