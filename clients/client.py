@@ -50,12 +50,12 @@ RETRY_SERVICE_CONFIG = {
 }
 
 
-REPLICA_HEADER = "x-salf-replica"  # the gateway names itself in every answer's initial metadata
+REPLICA_HEADER = "x-salf-replica"  # the gateway names itself in every answer's trailing metadata
 
 
 def _replica_of(call) -> str:
     try:
-        return dict(call.initial_metadata() or ()).get(REPLICA_HEADER, "")
+        return dict(call.trailing_metadata() or ()).get(REPLICA_HEADER, "")
     except Exception:  # noqa: BLE001 - an error raised before any metadata arrived
         return ""
 

@@ -34,7 +34,7 @@ from .status import request_timeout, status_for
 log = logging.getLogger(__name__)
 
 
-# Initial metadata of every Gateway call: the replica that answered (`salfctl serve --replica-name`, default
+# Trailing metadata of every Gateway call: the replica that answered (`salfctl serve --replica-name`, default
 # HOSTNAME:PORT, the pod's name under Kubernetes), for logs and for tests behind a balancer.
 REPLICA_HEADER = "x-salf-replica"
 
@@ -84,7 +84,9 @@ class Boundary:
         budget = Budget(request_timeout(context))
         admitted = False
         if self.replica:
-            await context.send_initial_metadata(((REPLICA_HEADER, self.replica),))
+            # In the trailers, not the initial metadata: a response that sent headers is "committed" and
+            # neither gRPC's retry policy nor Envoy retries its UNAVAILABLE (Trailers-Only errors they do).
+            context.set_trailing_metadata(((REPLICA_HEADER, self.replica),))
         try:
             # The message first: a call that is still waiting for its body is no work yet and does not
             # count against the in-flight limit (it costs the event loop a few hundred bytes).
@@ -114,7 +116,7 @@ class Boundary:
             if admitted:
                 self._release(method)
             self.metrics.observe_request(method, code.name, time.perf_counter() - start)
-        await context.abort(code, message)
+        await context.abort(code, message, trailing_metadata=((REPLICA_HEADER, self.replica),) if self.replica else ())
 
     def _release(self, method: str) -> None:
         self.in_flight -= 1
@@ -164,7 +166,7 @@ class Boundary:
         code, message = grpc.StatusCode.OK, ""
         budget = Budget(request_timeout(context))  # the whole stream's deadline, shared by its items
         if self.replica:
-            await context.send_initial_metadata(((REPLICA_HEADER, self.replica),))
+            context.set_trailing_metadata(((REPLICA_HEADER, self.replica),))
         messages = request_iterator.__aiter__()
         window: int | None = None
         items: set[asyncio.Task] = set()

@@ -75,3 +75,40 @@ class Load:
         self._stop.set()
         for t in self._threads:
             t.join(60)
+
+
+# ------------------------------------------------------------------ Prometheus and the dashboard
+
+def dashboard_queries(path) -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every target of the Grafana dashboard at ``path``."""
+    import json
+
+    doc = json.loads(path.read_text())
+    assert doc["schemaVersion"] >= 36 and doc["templating"]["list"][0]["type"] == "datasource"
+    return [(p["title"], t["expr"]) for p in doc["panels"] for t in p["targets"]]
+
+
+def query(base: str, expr: str) -> list:
+    """An instant PromQL query against the Prometheus at ``base``."""
+    import json
+    import urllib.parse
+
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        doc = json.loads(resp.read())
+    assert doc["status"] == "success", doc
+    return doc["data"]["result"]
+
+
+def wait_for(predicate, timeout_s: float, what: str, interval_s: float = 0.5):
+    """``predicate()``'s first truthy value within ``timeout_s``, else AssertionError naming ``what``."""
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            value = predicate()
+        except OSError:
+            value = None
+        if value:
+            return value
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(interval_s)

@@ -58,3 +58,39 @@ def test_a_hist_of_the_wrong_shape_is_refused(tmp_path):
     write_head(tmp_path / "h.safetensors", head)
     with pytest.raises(RepositoryError, match="drift.concept_hist"):
         read_head(tmp_path / "h.safetensors", 3, 2)
+
+
+def test_tracked_concepts_are_the_heaviest_and_the_same_for_the_same_model():
+    w = np.array([[0.0, 2.0, -3.0, 0.5], [1.0, -2.0, 0.0, 0.5]])  # totals |w|: 1, 4, 3, 1
+    assert drift.tracked_concepts(w, 2) == [1, 2]
+    assert drift.tracked_concepts(w, 3) == [1, 2, 0]  # ties by index
+    assert drift.tracked_concepts(w, 99) == [1, 2, 0, 3] and drift.tracked_concepts(w, 0) == []
+
+
+def test_bin_counts_of_replicas_add_up_to_the_pooled_psi():
+    """Three replicas' counts summed give what one window of all their requests gives: what the recording
+    rules of deploy/prometheus/rules.yml compute from Prometheus (tests/integration/test_cluster_store.py)."""
+    rng = np.random.default_rng(1)
+    train = drift.normal_reference(3)
+    parts = [rng.normal(0.3 * k, 1.0, size=(40 + 10 * k, 3)) for k in range(3)]
+    summed = sum(drift.bin_counts(p) for p in parts)
+    pooled = np.concatenate(parts)
+    np.testing.assert_allclose(drift.psi_from_counts(train, summed),
+                               drift.psi(train, drift.live_shares(train, pooled)), rtol=1e-12)
+    per_replica = [drift.psi(train, drift.live_shares(train, p)) for p in parts]
+    assert not np.allclose(np.mean(per_replica, axis=0), drift.psi_from_counts(train, summed))  # PSIs do not add
+    np.testing.assert_array_equal(drift.bin_index(np.array([-9.0, -3.0, 0.0, 2.9, 9.0])), [0, 1, 7, 12, 13])
+
+
+def test_tracker_counts_each_request_in_its_bin_for_the_tracked_concepts():
+    metrics = GatewayMetrics()
+    names = ("a", "b", "c")
+    tracker = DriftTracker(names, None, window=8, tracked=[2, 0], metrics=metrics)
+    tracker.observe(np.array([-5.0, 0.2, 1.2], np.float32), metrics)
+    tracker.observe(np.array([0.1, 0.0, 1.4], np.float32), metrics)
+    get = lambda c, b: metrics.registry.get_sample_value("salf_gateway_drift_bin_requests_total",
+                                                         {"concept": c, "bin": str(b)})
+    assert get("c", 9) == 2.0 and get("a", 0) == 1.0 and get("a", 7) == 1.0
+    assert get("b", 7) is None  # untracked: no series
+    share = metrics.registry.get_sample_value("salf_gateway_drift_train_share", {"concept": "a", "bin": "7"})
+    assert share == pytest.approx(drift.normal_reference(1)[0, 7])
