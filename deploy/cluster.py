@@ -354,7 +354,7 @@ class Cluster:
             "envoy admin": f"http://127.0.0.1:{self.admin_port}/",
             "gateways": [g.url for g in self.replicas],
             "gateway metrics": [g.metrics_url for g in self.replicas],
-            "triton": {"grpc": self.triton.grpc_url, "http": self.triton.http_url, "metrics": self.triton.metrics_url},
+            "triton": [f"grpc {self.triton.grpc_url}", f"http {self.triton.http_url}", f"metrics {self.triton.metrics_url}"],
             **({"prometheus": f"http://127.0.0.1:{self.prometheus_port}/"} if self.prom else {}),
             **({"redis": f"redis://127.0.0.1:{self.redis_port}/0"} if self.redis_proc else {}),
             "logs": str(self.work),

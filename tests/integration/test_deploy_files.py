@@ -214,8 +214,13 @@ def test_prometheus_scrapes_every_gateway_replica_and_triton():
     triton_cmd = _compose()["services"]["triton"]["command"]
     triton_metrics = re.search(r"--metrics-port=(\d+)", triton_cmd).group(1)
     assert jobs["triton"]["static_configs"][0]["targets"] == [f"triton:{triton_metrics}"]
-    mounts = _compose()["services"]["prometheus"]["volumes"]
-    assert any(m["source"] == "./prometheus/compose.yml" for m in mounts)
+    mounts = {m["source"]: m["target"] for m in _compose()["services"]["prometheus"]["volumes"]}
+    assert mounts["./prometheus/compose.yml"] == "/etc/prometheus/prometheus.yml"
+    # the recording rules the dashboard's deployment-wide panels read (salf:... series)
+    assert prom["rule_files"] == [mounts["./prometheus/rules.yml"]]
+    recorded = set(re.findall(r"record: (\S+)", (DEPLOY / "prometheus" / "rules.yml").read_text()))
+    used = set(re.findall(r"salf:[a-zA-Z0-9_:]+", (ROOT / "docs" / "grafana-dashboard.json").read_text()))
+    assert used <= recorded, f"dashboard series no rule records: {sorted(used - recorded)}"
     for args in (_compose_gateway_args(), _k8s_gateway_args()):
         assert int(_flag(args, "--metrics-port")) == GATEWAY_METRICS_PORT
         assert _flag(args, "--metrics-host") == "0.0.0.0"  # the default is loopback: unscrapable
@@ -225,6 +230,19 @@ def test_prometheus_scrapes_every_gateway_replica_and_triton():
     assert ports == {"grpc": GATEWAY_GRPC_PORT, "metrics": GATEWAY_METRICS_PORT}
     expose = [a for i, a in _dockerfile_instructions() if i == "EXPOSE"]
     assert expose == [f"{GATEWAY_GRPC_PORT} {GATEWAY_METRICS_PORT}"]
+
+
+def test_grafana_is_provisioned_with_the_dashboard_and_its_datasource():
+    prov = DEPLOY / "grafana" / "provisioning"
+    (ds,) = yaml.safe_load((prov / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert ds["type"] == "prometheus" and ds["isDefault"] is True and ds["url"] == "http://prometheus:9090"
+    dashboard = json.loads((ROOT / "docs" / "grafana-dashboard.json").read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    (provider,) = yaml.safe_load((prov / "dashboards" / "salf.yml").read_text())["providers"]
+    mounts = {m["source"]: m["target"] for m in _compose()["services"]["grafana"]["volumes"]}
+    assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
+    assert Path(mounts["../docs/grafana-dashboard.json"]).parent == Path(provider["options"]["path"])
 
 
 def test_hpa_scales_on_a_metric_the_gateway_exports():

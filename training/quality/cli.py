@@ -88,6 +88,6 @@ def _rank() -> int:
 
 
 def _baselines() -> tuple[str, ...]:
-    from .attributions import BASELINES
+    from .baselines import BASELINES
 
     return BASELINES
