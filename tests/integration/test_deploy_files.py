@@ -329,3 +329,17 @@ def test_dockerfile_builds_like_the_makefile_and_runs_salfctl_serve():
     include = re.search(r"include = \[(.*?)\]", (ROOT / "pyproject.toml").read_text()).group(1)
     copied = {a.split()[0].rstrip("/") for i, a in ins if i == "COPY" and "--from" not in a}
     assert {p.strip(' "*') for p in include.split(",")} <= copied
+
+
+def test_promtool_accepts_the_rules_and_the_single_host_config():
+    """deploy/prometheus/rules.yml (recording rules) and docs/prometheus.yml (which loads them) parse with
+    Prometheus's own checker (Debian's prometheus package ships promtool; make test installs it)."""
+    import shutil
+
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: `make prometheus-bin` installs Debian's prometheus package"
+    for args in (["check", "rules", str(DEPLOY / "prometheus" / "rules.yml")],
+                 ["check", "config", str(ROOT / "docs" / "prometheus.yml")]):
+        out = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "SUCCESS" in out.stdout + out.stderr
