@@ -157,10 +157,11 @@ def section(r: dict, target_bytes: int, target_hop_ms: float) -> list[str]:
         f"{e['three_via_envoy']['explains_per_s']} | {ratio(e, 'explains_per_s'):.2f} |",
         f"| errors | {p['one_gateway']['errors'] + e['one_gateway']['errors']} | "
         f"{p['three_via_envoy']['errors'] + e['three_via_envoy']['errors']} | |", "",
-        "On this machine every process shares the same cores, so three gateways cannot add CPU: the ratio says what "
-        "the balancer and the extra processes cost, not what three machines would gain. With a GPU Triton the forward "
-        "leaves the CPU and the gateway's own work (decode, heatmaps, PNG encoding) becomes the limit that more "
-        "replicas lift.", ""]
+        "Every process here shares the same two cores. Predict is bound by Triton's forward, so more gateways only "
+        "add the balancer's and the extra processes' cost. Explain of held images is the gateway's own Python work "
+        "(heatmaps, PNG encoding), and one gateway process runs it under one interpreter lock: three processes use "
+        "both cores. With a GPU Triton the forward leaves the CPU and that gateway work is the limit that more "
+        "replicas, on more machines, lift.", ""]
 
 
 def main(argv=None) -> int:

@@ -131,7 +131,8 @@ def render(doc: dict, command: str, measured_at: str | None = None) -> str:
              "Latencies are client-side p50 through real gRPC to `salfctl serve` (embedded onnxruntime backend, its "
              "own process); the forward is a bare onnxruntime run of `salf_cbm` at batch 1 in another process with "
              "the gateway idle, interleaved round by round with the gateway's calls. ExplainRegion and Intervene "
-             "refer to a cached explanation (no forward).", ""]
+             "refer to a cached explanation (no forward); each Explain is of a new image of the same size (ids are "
+             "content-addressed: the same image again would be answered from the cache).", ""]
     for r in sizes.values():
         lines += overhead.size_section(r)
     lines += ["## Bytes per request", "",
