@@ -10,15 +10,16 @@ from dataclasses import dataclass, field
 from prometheus_client.parser import text_string_to_metric_families
 
 
+def samples(url: str):
+    """Every sample at a /metrics URL (prometheus_client's parser: counters as <name>_total)."""
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    for family in text_string_to_metric_families(text):
+        yield from family.samples
+
+
 def metric_sum(url: str, name: str, **labels) -> float:
     """The sum of the samples ``name`` (with these label values) at a /metrics URL."""
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
+    return sum(s.value for s in samples(url) if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def triton_forwards(triton) -> int:

@@ -19,7 +19,7 @@ import yaml
 
 from clients.client import SalfClient
 from deploy.cluster import RULES, Cluster
-from tests.cluster import (Load, dashboard_queries, metric_sum, query, summed, triton_forwards, wait_for)
+from tests.cluster import Load, dashboard_queries, metric_sum, query, samples, summed, triton_forwards, wait_for
 from tests.fixtures.gateway import ROOT, encode, sample_image
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -128,15 +128,10 @@ def test_prometheus_sums_the_replicas_and_every_dashboard_query_returns_data(clu
                 .replace("salf:drift_train_share", f"({train})"))
     counts_by = {}
     for g in cluster.replicas:
-        from prometheus_client.parser import text_string_to_metric_families
-        import urllib.request
-
-        text = urllib.request.urlopen(g.metrics_url, timeout=5).read().decode()
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                if s.name in ("salf_gateway_drift_bin_requests_total", "salf_gateway_drift_train_share"):
-                    key = (s.name, s.labels["concept"], int(s.labels["bin"]))
-                    counts_by[key] = counts_by.get(key, 0.0) + s.value if s.name.endswith("_total") else s.value
+        for s in samples(g.metrics_url):
+            if s.name in ("salf_gateway_drift_bin_requests_total", "salf_gateway_drift_train_share"):
+                key = (s.name, s.labels["concept"], int(s.labels["bin"]))
+                counts_by[key] = counts_by.get(key, 0.0) + s.value if s.name.endswith("_total") else s.value
     concepts = sorted({c for (_, c, _) in counts_by})
     assert len(concepts) == 4
     c = np.array([[counts_by.get(("salf_gateway_drift_bin_requests_total", k, b), 0.0) for b in range(drift.BINS)]

@@ -3,13 +3,10 @@ and logits only, answers what Explain's forward answers (parity), receives a fra
 caches nothing; the explorer's gallery scores a folder with it."""
 from __future__ import annotations
 
-import urllib.request
-
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from prometheus_client.parser import text_string_to_metric_families
-
+from tests.cluster import metric_sum
 from tests.fixtures.gateway import encode, sample_image
 
 pytestmark = pytest.mark.integration
@@ -17,12 +14,7 @@ pytestmark = pytest.mark.integration
 
 def _received(gw) -> float:
     """salf_gateway_backend_received_bytes for salf_cbm on this gateway."""
-    text = urllib.request.urlopen(gw.metrics_url, timeout=5).read().decode()
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "salf_gateway_backend_received_bytes_total" and s.labels.get("model") == "salf_cbm":
-                return s.value
-    return 0.0
+    return metric_sum(gw.metrics_url, "salf_gateway_backend_received_bytes_total", model="salf_cbm")
 
 
 def test_predict_matches_explain_with_a_fraction_of_the_bytes_and_no_cache_entry(gateway):
